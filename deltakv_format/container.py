@@ -1,0 +1,461 @@
+"""The .dkv container: a GGUF v3 file with checksums, a reserved header region and crash-safe append.
+
+Writing a new file goes through a temporary file, fsync and an atomic rename.
+Appending writes the new tensors after the committed end of the file, then
+commits the new header through a redo journal (``<path>-journal``): the file on
+disk is always the complete old or the complete new snapshot (SPEC.md, "Append").
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c as _crc32c
+import numpy as np
+
+from .constants import (
+    ALIGNMENT,
+    ARCHITECTURE,
+    FORMAT_VERSION,
+    GGML_BLOCK_SIZES,
+    HEADER_RESERVE_MIN,
+    JOURNAL_MAGIC,
+    JOURNAL_SUFFIX,
+    JOURNAL_VERSION,
+    GGMLType,
+    GGUFValueType,
+)
+from .errors import (
+    BadMagicError,
+    ChecksumError,
+    CorruptError,
+    DeltaKVError,
+    TruncatedError,
+    UnsupportedVersionError,
+)
+from .gguf_io import GGUFHeader, KeyValue, TensorInfo, align_up, pack_header, pack_kv, parse_header
+
+KEY_HEADER_CRC = "deltakv.header_crc32c"
+KEY_TENSOR_CRC = "deltakv.tensor_crc32c"
+KEY_RESERVE = "deltakv.header_reserve"
+KEY_VERSION = "deltakv.version"
+
+_RESERVE_KV_OVERHEAD = len(pack_kv(KeyValue(KEY_RESERVE, GGUFValueType.ARRAY, np.zeros(0, np.uint8), GGUFValueType.UINT8)))
+
+
+def crc32c(data, crc: int = 0) -> int:
+    """CRC-32C (Castagnoli): catches every single-bit error and every burst up to 32 bits."""
+    return _crc32c.crc32c(data, crc)
+
+
+def element_view_dtype(ggml_type: int) -> np.dtype:
+    """How a tensor's bytes are viewed: element bit patterns for floats, bytes for blocks."""
+    return {
+        GGMLType.F16: np.dtype("<u2"),
+        GGMLType.BF16: np.dtype("<u2"),
+        GGMLType.F32: np.dtype("<u4"),
+        GGMLType.I32: np.dtype("<i4"),
+        GGMLType.I8: np.dtype("u1"),
+    }.get(ggml_type, np.dtype("u1"))
+
+
+@dataclass
+class TensorData:
+    """A tensor to write: ``shape`` in GGUF order (innermost first), ``data`` its bytes."""
+
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+    data: object  # bytes-like / contiguous numpy array
+
+    def nbytes(self) -> int:
+        return TensorInfo(self.name, self.shape, self.ggml_type, 0).nbytes
+
+
+# ---- header building ----------------------------------------------------------------
+
+
+def _with_crc_fields(kvs: list[KeyValue], tensor_crcs: list[int], reserve: int) -> list[KeyValue]:
+    """Order: header CRC first (so its value sits at a fixed place), then the caller's keys,
+    the tensor CRCs, and the reserve padding last."""
+    out = [KeyValue(KEY_HEADER_CRC, GGUFValueType.UINT32, 0)]
+    out += [kv for kv in kvs if kv.key not in (KEY_HEADER_CRC, KEY_TENSOR_CRC, KEY_RESERVE)]
+    out.append(KeyValue(KEY_TENSOR_CRC, GGUFValueType.ARRAY, np.asarray(tensor_crcs, np.uint32), GGUFValueType.UINT32))
+    out.append(KeyValue(KEY_RESERVE, GGUFValueType.ARRAY, np.zeros(reserve, np.uint8), GGUFValueType.UINT8))
+    return out
+
+
+def _header_crc_offset(kvs_first_key: str = KEY_HEADER_CRC) -> int:
+    # magic(4) version(4) n_tensors(8) n_kv(8) key_len(8) key type(4)
+    return 24 + 8 + len(kvs_first_key.encode()) + 4
+
+
+HEADER_CRC_VALUE_OFFSET = _header_crc_offset()
+
+
+def build_header(kvs: list[KeyValue], tensors: list[TensorInfo], tensor_crcs: list[int], data_start: int | None) -> bytes:
+    """Header bytes exactly ``data_start`` long (the reserve fills the gap), with its CRC set.
+
+    With ``data_start=None`` the smallest aligned header with the minimum reserve is built.
+    Returns b"" if the header does not fit in ``data_start`` bytes.
+    """
+    bare = len(pack_header(_with_crc_fields(kvs, tensor_crcs, 0), tensors))
+    if data_start is None:
+        data_start = align_up(bare + max(HEADER_RESERVE_MIN, bare), ALIGNMENT)
+    reserve = data_start - bare
+    if reserve < 0:
+        return b""
+    header = bytearray(pack_header(_with_crc_fields(kvs, tensor_crcs, reserve), tensors))
+    assert len(header) == data_start
+    crc = crc32c(bytes(header))
+    struct.pack_into("<I", header, HEADER_CRC_VALUE_OFFSET, crc)
+    return bytes(header)
+
+
+def header_crc(buf, data_start: int) -> int:
+    """CRC-32C of the header with the CRC value's own four bytes taken as zero."""
+    crc = crc32c(bytes(buf[:HEADER_CRC_VALUE_OFFSET]))
+    crc = crc32c(b"\0\0\0\0", crc)
+    return crc32c(bytes(buf[HEADER_CRC_VALUE_OFFSET + 4:data_start]), crc)
+
+
+def layout_tensors(tensors: list[TensorData], first_offset: int = 0) -> list[TensorInfo]:
+    infos = []
+    offset = first_offset
+    for t in tensors:
+        offset = align_up(offset, ALIGNMENT)
+        infos.append(TensorInfo(t.name, tuple(t.shape), t.ggml_type, offset))
+        offset += t.nbytes()
+    return infos
+
+
+def _as_bytes(data) -> memoryview:
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data)
+        return memoryview(data).cast("B")
+    return memoryview(data).cast("B")
+
+
+def _write_tensors(f, tensors: list[TensorData], infos: list[TensorInfo], data_start: int, progress=None) -> list[int]:
+    crcs = []
+    pos = f.tell()
+    for t, info in zip(tensors, infos):
+        target = data_start + info.offset
+        if target > pos:
+            f.write(b"\0" * (target - pos))
+        raw = _as_bytes(t.data)
+        if len(raw) != info.nbytes:
+            raise DeltaKVError(f"tensor {t.name!r}: {len(raw)} bytes given, its shape and type need {info.nbytes}")
+        f.write(raw)
+        crcs.append(crc32c(raw))
+        pos = target + info.nbytes
+        if progress is not None:
+            progress(info.nbytes)
+    return crcs
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def base_kvs() -> list[KeyValue]:
+    return [
+        KeyValue("general.architecture", GGUFValueType.STRING, ARCHITECTURE),
+        KeyValue("general.alignment", GGUFValueType.UINT32, ALIGNMENT),
+        KeyValue(KEY_VERSION, GGUFValueType.UINT32, FORMAT_VERSION),
+    ]
+
+
+def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progress=None) -> None:
+    """Write a complete .dkv atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    infos = layout_tensors(tensors)
+    # First pass sizes the header; CRCs are only known after the data is written.
+    provisional = build_header(kvs, infos, [0] * len(infos), None)
+    data_start = len(provisional)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(provisional)
+            crcs = _write_tensors(f, tensors, infos, data_start, progress)
+            header = build_header(kvs, infos, crcs, data_start)
+            f.seek(0)
+            f.write(header)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ---- reading --------------------------------------------------------------------------
+
+
+@dataclass
+class Journal:
+    committed_size: int
+    header: bytes
+
+
+def _read_journal(path: Path) -> Journal | None:
+    """The redo journal of an interrupted append, or None if absent or incomplete."""
+    jpath = Path(str(path) + JOURNAL_SUFFIX)
+    try:
+        raw = jpath.read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(raw) < 28 or raw[:4] != JOURNAL_MAGIC:
+        return None
+    version, committed_size, header_len, crc = struct.unpack_from("<IQQI", raw, 4)
+    if version != JOURNAL_VERSION or len(raw) != 28 + header_len:
+        return None
+    if crc32c(raw[28:]) != crc:
+        return None  # written only partly: the main header was never touched
+    return Journal(committed_size, raw[28:])
+
+
+def _replay_journal(path: Path, journal: Journal) -> None:
+    with open(path, "r+b") as f:
+        f.write(journal.header)
+        f.truncate(journal.committed_size)
+        f.flush()
+        os.fsync(f.fileno())
+    os.unlink(str(path) + JOURNAL_SUFFIX)
+    _fsync_dir(path)
+
+
+class DkvFile:
+    """A memory-mapped .dkv file. Tensor reads are zero-copy numpy views into the map."""
+
+    def __init__(self, path, *, verify_checksums: bool = True, recover: bool = True):
+        self.path = Path(path)
+        journal = _read_journal(self.path)
+        if journal is not None and recover and os.access(self.path, os.W_OK):
+            _replay_journal(self.path, journal)
+            journal = None
+        elif journal is None and recover and os.path.exists(str(self.path) + JOURNAL_SUFFIX) and os.access(
+            self.path.parent, os.W_OK
+        ):
+            os.unlink(str(self.path) + JOURNAL_SUFFIX)  # incomplete journal: the append never committed
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError as e:
+            raise DeltaKVError(f"no such file: {self.path}") from e
+        except IsADirectoryError as e:
+            raise DeltaKVError(f"{self.path} is a folder, expected a .dkv file") from e
+        try:
+            self.file_size = os.fstat(self._file.fileno()).st_size
+            if self.file_size < 24:
+                raise TruncatedError(f"file is {self.file_size} bytes; a GGUF header needs at least 24", path=str(path))
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._buf = memoryview(self._map)
+            header_buf = journal.header if journal is not None else self._buf
+            self.header = self._parse(header_buf, verify_checksums)
+        except DeltaKVError as e:
+            self.close()
+            if e.path is None:
+                raise type(e)(e.bare_message, offset=e.offset, path=str(self.path)) from e
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    # -- structure checks ---------------------------------------------------------------
+
+    def _parse(self, header_buf, verify_checksums: bool) -> GGUFHeader:
+        header = parse_header(header_buf, what=".dkv header")
+        kvs = header.kvs
+        arch = kvs.get("general.architecture")
+        if arch is None or arch.value != ARCHITECTURE:
+            found = arch.value if arch is not None else "no general.architecture"
+            raise BadMagicError(f"a GGUF file but not a Delta-KV session: expected architecture {ARCHITECTURE!r}, found {found!r}")
+        version = kvs.get(KEY_VERSION)
+        if version is None or version.value_type != GGUFValueType.UINT32:
+            raise CorruptError(f"missing {KEY_VERSION} (u32)")
+        if version.value != FORMAT_VERSION:
+            raise UnsupportedVersionError(
+                f"Delta-KV format version {version.value}; this reader implements version {FORMAT_VERSION}",
+                offset=version.value_offset,
+            )
+        first = next(iter(kvs))
+        if first != KEY_HEADER_CRC or kvs[first].value_type != GGUFValueType.UINT32:
+            raise CorruptError(f"the first key must be {KEY_HEADER_CRC} (u32), found {first!r}")
+        data_start = header.data_start
+        if data_start > len(header_buf):
+            raise TruncatedError(f"header region ends at {data_start}, the file has {len(header_buf)} bytes")
+        stored = kvs[KEY_HEADER_CRC].value
+        actual = header_crc(header_buf, data_start)
+        if verify_checksums and stored != actual:
+            raise ChecksumError(f"header checksum mismatch: stored {stored:#010x}, computed {actual:#010x}", offset=HEADER_CRC_VALUE_OFFSET)
+        crcs = kvs.get(KEY_TENSOR_CRC)
+        if crcs is None or crcs.element_type != GGUFValueType.UINT32 or len(crcs.value) != len(header.tensors):
+            raise CorruptError(f"{KEY_TENSOR_CRC} must hold one u32 per tensor ({len(header.tensors)})")
+        end = 0
+        for info in header.tensors:
+            if info.offset < end:
+                raise CorruptError(f"tensor {info.name!r} at data offset {info.offset} overlaps the previous tensor (ends at {end})")
+            end = info.offset + info.nbytes
+            if data_start + end > self.file_size:
+                raise TruncatedError(
+                    f"tensor {info.name!r} ends at file offset {data_start + end}, the file has {self.file_size} bytes",
+                    offset=data_start + info.offset,
+                )
+        self.data_start = data_start
+        self.data_end = data_start + end
+        self.tensor_infos = {t.name: t for t in header.tensors}
+        self._tensor_crc = dict(zip((t.name for t in header.tensors), (int(c) for c in crcs.value)))
+        return header
+
+    def verify(self) -> list[str]:
+        """Check every tensor's CRC and that padding is zero; returns the problems found."""
+        problems = []
+        pos = self.data_start
+        for info in self.header.tensors:
+            start = self.data_start + info.offset
+            if any(self._buf[pos:start]):
+                problems.append(f"non-zero padding between file offsets {pos} and {start}")
+            crc = crc32c(self._buf[start:start + info.nbytes])
+            if crc != self._tensor_crc[info.name]:
+                problems.append(
+                    f"tensor {info.name!r} (file offset {start}): checksum mismatch, stored "
+                    f"{self._tensor_crc[info.name]:#010x}, computed {crc:#010x}"
+                )
+            pos = start + info.nbytes
+        if self.file_size > self.data_end:
+            problems.append(f"{self.file_size - self.data_end} bytes after the last tensor (an interrupted append?)")
+        return problems
+
+    def verify_tensor(self, name: str) -> None:
+        info = self.tensor_infos[name]
+        start = self.data_start + info.offset
+        crc = crc32c(self._buf[start:start + info.nbytes])
+        if crc != self._tensor_crc[name]:
+            raise ChecksumError(
+                f"tensor {name!r}: checksum mismatch, stored {self._tensor_crc[name]:#010x}, computed {crc:#010x}",
+                offset=start, path=str(self.path),
+            )
+
+    # -- access -------------------------------------------------------------------------
+
+    @property
+    def kvs(self) -> dict[str, KeyValue]:
+        return self.header.kvs
+
+    def value(self, key: str, default=...):
+        kv = self.header.kvs.get(key)
+        if kv is None:
+            if default is ...:
+                raise CorruptError(f"missing key {key!r}", path=str(self.path))
+            return default
+        return kv.value
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.tensor_infos
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Zero-copy view: (rows, row elements) for 2-D tensors, element bits for float types."""
+        info = self.tensor_infos.get(name)
+        if info is None:
+            raise CorruptError(f"missing tensor {name!r}", path=str(self.path))
+        start = self.data_start + info.offset
+        raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=start)
+        dt = element_view_dtype(info.ggml_type)
+        block_values, block_bytes = GGML_BLOCK_SIZES[info.ggml_type]
+        inner = info.shape[0] // block_values * block_bytes // dt.itemsize
+        outer = tuple(reversed(info.shape[1:]))
+        return raw.view(dt).reshape(outer + (inner,))
+
+    def close(self) -> None:
+        buf = getattr(self, "_buf", None)
+        if buf is not None:
+            buf.release()
+            self._buf = None
+        m = getattr(self, "_map", None)
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:
+                pass  # numpy views still alive; the map closes when they go
+            self._map = None
+        f = getattr(self, "_file", None)
+        if f is not None:
+            f.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---- append ---------------------------------------------------------------------------
+
+
+def append_container(path, kvs: list[KeyValue], new_tensors: list[TensorData], progress=None) -> None:
+    """Add tensors and replace the key-values of an existing .dkv, crash-safely.
+
+    Costs O(new tensors + header): new data goes after the committed end; the new
+    header is made durable in the journal before it overwrites the old one in place.
+    If the reserved header region is too small, the file is rewritten (atomic rename).
+    """
+    import fcntl
+
+    path = Path(path)
+    lock = open(path, "r+b")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        with DkvFile(path) as old:
+            old_infos = list(old.header.tensors)
+            old_crcs = [old._tensor_crc[t.name] for t in old_infos]
+            data_start = old.data_start
+            committed_end = old.data_end
+            clash = [t.name for t in new_tensors if t.name in old.tensor_infos]
+            if clash:
+                raise DeltaKVError(f"append would redefine tensors {clash[:3]}")
+            new_infos = layout_tensors(new_tensors, committed_end - data_start)
+            header = build_header(kvs, old_infos + new_infos, old_crcs + [0] * len(new_infos), data_start)
+            if not header:
+                old_tensors = [TensorData(t.name, t.ggml_type, t.shape, old._buf[old.data_start + t.offset:old.data_start + t.offset + t.nbytes]) for t in old_infos]
+                write_container(path, kvs, old_tensors + new_tensors, progress)
+                return
+        with open(path, "r+b") as f:
+            f.truncate(committed_end)  # drop the leftovers of an append that never committed
+            f.seek(committed_end)
+            new_crcs = _write_tensors(f, new_tensors, new_infos, data_start, progress)
+            f.flush()
+            os.fsync(f.fileno())
+            committed_size = f.tell()
+            header = build_header(kvs, old_infos + new_infos, old_crcs + new_crcs, data_start)
+            jpath = Path(str(path) + JOURNAL_SUFFIX)
+            with open(jpath, "wb") as j:
+                j.write(JOURNAL_MAGIC + struct.pack("<IQQI", JOURNAL_VERSION, committed_size, len(header), crc32c(header)))
+                j.write(header)
+                j.flush()
+                os.fsync(j.fileno())
+            _fsync_dir(path)
+            f.seek(0)
+            f.write(header)
+            f.flush()
+            os.fsync(f.fileno())
+        os.unlink(jpath)
+        _fsync_dir(path)
+    finally:
+        lock.close()

@@ -1,0 +1,544 @@
+"""A llama.cpp state stored in a .dkv container: the mapping of SPEC.md, "Session layout".
+
+``write_session`` stores a parsed :class:`LlamaState` with a codec;
+``DkvSession`` opens a .dkv, decodes any track or token range, and rebuilds the
+state; ``append_session`` extends a stored session with the rows of a newer
+state of the same context, writing only the new rows (plus the re-encoded last
+partial keyframe chunk).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .codecs import Codec, codec_for_track, get_codec
+from .constants import FLOAT_TYPES, GGMLType, GGUFValueType
+from .container import DkvFile, TensorData, append_container, base_kvs, write_container
+from .errors import CorruptError, DeltaKVError, SessionMismatchError
+from .gguf_io import KeyValue
+from .state_model import (
+    BodyLayout,
+    Framing,
+    KVCacheSection,
+    KVStream,
+    KVTensor,
+    LlamaState,
+    OpaqueSection,
+)
+
+U8, U32, I32, U64, STR, ARR = (
+    GGUFValueType.UINT8, GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64,
+    GGUFValueType.STRING, GGUFValueType.ARRAY,
+)
+
+
+@dataclass
+class Track:
+    """One layer's K or V of one stream: a token-major matrix coded by one codec."""
+
+    index: int
+    name: str  # "s{stream}.l{layer}.{k|v}"
+    stream: int
+    ggml_type: int
+    n_values: int  # values per row (float types) or bytes per row (raw quantized types)
+    transposed: bool
+    codec: Codec
+
+    def part_name(self, segment: int, role: str) -> str:
+        return f"{self.name}.{segment}.{role}"
+
+
+def _arr(key, values, element_type):
+    if element_type == STR:
+        return KeyValue(key, ARR, list(values), STR)
+    return KeyValue(key, ARR, np.asarray(values), element_type)
+
+
+def cell_record_ends(cells, count: int, ext_bytes: int) -> np.ndarray:
+    """Byte offset of the end of each cell record: i32 pos, u32 n_seq_id, [ext], i32 seq_id[n]."""
+    buf = memoryview(cells)
+    ends = np.empty(count, np.int64)
+    pos = 0
+    for i in range(count):
+        if pos + 8 + ext_bytes > len(buf):
+            raise CorruptError(f"cell {i} record ends past the {len(buf)} bytes of cell records", offset=pos)
+        n_seq = int.from_bytes(buf[pos + 4:pos + 8], "little")
+        pos += 8 + ext_bytes + 4 * n_seq
+        if pos > len(buf):
+            raise CorruptError(f"cell {i} claims {n_seq} sequence ids, past the end of the cell records", offset=pos)
+        ends[i] = pos
+    return ends
+
+
+def _streams(state: LlamaState) -> list[tuple[int, KVStream]]:
+    return [(i, st) for i, sec in enumerate(state.sections) if isinstance(sec, KVCacheSection) for st in sec.streams]
+
+
+def _stream_tracks(stream: KVStream) -> list[tuple[str, KVTensor]]:
+    return [(f"l{i}.k", t) for i, t in enumerate(stream.k)] + [(f"l{i}.v", t) for i, t in enumerate(stream.v)]
+
+
+def _track_rows(t: KVTensor) -> np.ndarray:
+    if t.transposed and not t.is_float:
+        raise DeltaKVError(f"a transposed V of quantized type {GGMLType(t.ggml_type).name} (llama.cpp never writes one)")
+    return t.rows()
+
+
+def _empty_part(part) -> np.ndarray:
+    from .constants import GGML_BLOCK_SIZES
+    from .container import element_view_dtype
+
+    dt = element_view_dtype(part.ggml_type)
+    block_values, block_bytes = GGML_BLOCK_SIZES[part.ggml_type]
+    return np.empty((0, part.n_values // block_values * block_bytes // dt.itemsize), dt)
+
+
+def _chunk_of(stream_tracks: list[Track]) -> int:
+    n = 1
+    for t in stream_tracks:
+        n = n * t.codec.keyframe_interval // math.gcd(n, t.codec.keyframe_interval)
+    return n
+
+
+class _SessionBuilder:
+    """Collects the key-values and tensors of one write or append."""
+
+    def __init__(self):
+        self.tensors: list[TensorData] = []
+
+    def add(self, name, ggml_type, array, n_inner=None):
+        array = np.ascontiguousarray(array)
+        if array.size == 0:
+            return
+        if array.ndim == 1:
+            shape = (array.shape[0] if n_inner is None else n_inner,)
+        else:
+            inner = array.shape[1] if n_inner is None else n_inner
+            shape = (inner, array.shape[0])
+        self.tensors.append(TensorData(name, ggml_type, shape, array))
+
+    def add_track_segment(self, track: Track, segment: int, rows: np.ndarray, where: str):
+        parts = track.codec.encode(rows, track.ggml_type, where) if rows.shape[0] else {}
+        for part in track.codec.parts(track.ggml_type, track.n_values):
+            if part.role in parts:
+                self.add(track.part_name(segment, part.role), part.ggml_type, parts[part.role], part.n_values)
+
+
+def _plan_tracks(state: LlamaState, codec: Codec) -> list[Track]:
+    tracks = []
+    for g, (_, stream) in enumerate(_streams(state)):
+        for suffix, t in _stream_tracks(stream):
+            n_values = t.n_values if t.is_float else t.row_bytes
+            chosen = codec_for_track(codec, t.ggml_type, t.n_values) if t.is_float else get_codec("raw")
+            tracks.append(Track(len(tracks), f"s{g}.{suffix}", g, t.ggml_type, n_values, t.transposed, chosen))
+    return tracks
+
+
+def _session_kvs(state: LlamaState, codec: Codec, tracks: list[Track], seg_first_row, seg_rows,
+                 seg_first_token, seg_tokens, stream_cells) -> list[KeyValue]:
+    kvs = base_kvs()
+    kvs.append(KeyValue("deltakv.source.framing", STR, state.framing.value))
+    kvs.append(KeyValue("deltakv.source.layout", STR, state.layout.value))
+    if state.file_version is not None:
+        kvs.append(KeyValue("deltakv.source.file_version", U32, state.file_version))
+    if state.seq_prefix_id is not None:
+        kvs.append(KeyValue("deltakv.source.seq_prefix_id", I32, state.seq_prefix_id))
+    if state.arch_bytes is not None:
+        kvs.append(KeyValue("deltakv.source.arch", STR, state.arch_bytes.decode("utf-8")))
+    token_format = "none" if state.token_words is None else ("plain" if state.tokens() is not None else "packed")
+    kvs.append(KeyValue("deltakv.source.token_format", STR, token_format))
+    kvs.append(KeyValue("deltakv.codec", STR, codec.name))
+    sections = state.sections
+    kvs.append(_arr("deltakv.section.kind", ["kv" if isinstance(s, KVCacheSection) else "opaque" for s in sections], STR))
+    kvs.append(_arr("deltakv.section.role", ["attention" if isinstance(s, KVCacheSection) else s.role for s in sections], STR))
+    kvs.append(_arr("deltakv.section.has_n_stream",
+                    [int(s.has_n_stream) if isinstance(s, KVCacheSection) else 0 for s in sections], U8))
+    streams = _streams(state)
+    kvs.append(_arr("deltakv.stream.section", [i for i, _ in streams], U32))
+    kvs.append(_arr("deltakv.stream.cell_count", stream_cells, U64))
+    kvs.append(_arr("deltakv.stream.cell_ext_bytes", [s.cell_ext_bytes for _, s in streams], U32))
+    kvs.append(_arr("deltakv.stream.v_trans", [-1 if s.v_trans is None else s.v_trans for _, s in streams], I32))
+    kvs.append(_arr("deltakv.stream.n_layer", [-1 if s.n_layer is None else s.n_layer for _, s in streams], I32))
+    kvs.append(_arr("deltakv.stream.n_rot_k", [-1 if s.rot is None else s.rot[0] for _, s in streams], I32))
+    kvs.append(_arr("deltakv.stream.n_rot_v", [-1 if s.rot is None else s.rot[1] for _, s in streams], I32))
+    kvs.append(_arr("deltakv.stream.n_k", [len(s.k) for _, s in streams], U32))
+    kvs.append(_arr("deltakv.stream.n_v", [len(s.v) for _, s in streams], U32))
+    kvs.append(_arr("deltakv.track.name", [t.name for t in tracks], STR))
+    kvs.append(_arr("deltakv.track.ggml_type", [t.ggml_type for t in tracks], U32))
+    kvs.append(_arr("deltakv.track.n_values", [t.n_values for t in tracks], U64))
+    kvs.append(_arr("deltakv.track.transposed", [int(t.transposed) for t in tracks], U8))
+    kvs.append(_arr("deltakv.track.codec", [t.codec.name for t in tracks], STR))
+    kvs.append(_arr("deltakv.track.keyframe_interval", [t.codec.keyframe_interval for t in tracks], U32))
+    kvs.append(_arr("deltakv.track.rotation", [t.codec.rotation for t in tracks], U32))
+    kvs.append(KeyValue("deltakv.segment.count", U32, len(seg_first_token)))
+    kvs.append(_arr("deltakv.segment.first_row", seg_first_row, U64))
+    kvs.append(_arr("deltakv.segment.rows", seg_rows, U64))
+    kvs.append(_arr("deltakv.segment.first_token", seg_first_token, U64))
+    kvs.append(_arr("deltakv.segment.tokens", seg_tokens, U64))
+    return kvs
+
+
+def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progress=None) -> "DkvSession":
+    """Store ``state`` as a new .dkv at ``path`` (atomically) and return it opened."""
+    if isinstance(codec, str):
+        codec = get_codec(codec)
+    tracks = _plan_tracks(state, codec)
+    builder = _SessionBuilder()
+    tokens = state.tokens()
+    if state.token_words is not None and tokens is None:
+        builder.add("token_blob", GGMLType.I8, np.frombuffer(state.token_words, np.uint8))
+    n_tokens = 0 if tokens is None else len(tokens)
+    if tokens is not None:
+        builder.add("tokens.0", GGMLType.I32, tokens)
+    for i, sec in enumerate(state.sections):
+        if isinstance(sec, OpaqueSection):
+            builder.add(f"section.{i}", GGMLType.I8, np.frombuffer(sec.data, np.uint8))
+    streams = _streams(state)
+    for g, (_, stream) in enumerate(streams):
+        builder.add(f"s{g}.cells.0", GGMLType.I8, np.frombuffer(stream.cells, np.uint8))
+    by_stream = {}
+    for track in tracks:
+        by_stream.setdefault(track.stream, []).append(track)
+    for g, (_, stream) in enumerate(streams):
+        for track, (_, kv) in zip(by_stream.get(g, []), _stream_tracks(stream)):
+            builder.add_track_segment(track, 0, _track_rows(kv), track.name)
+            if progress is not None:
+                progress(track.name)
+    cells = [s.cell_count for _, s in streams]
+    kvs = _session_kvs(state, codec, tracks, [0] * len(streams), cells, [0], [n_tokens], cells)
+    write_container(path, kvs, builder.tensors)
+    return DkvSession(path)
+
+
+class DkvSession:
+    """An opened .dkv session: metadata, tracks, decoding and rebuilding the llama.cpp state."""
+
+    def __init__(self, path, *, verify_checksums: bool = True):
+        self.file = DkvFile(path, verify_checksums=verify_checksums)
+        try:
+            self._load()
+        except DeltaKVError as e:
+            self.file.close()
+            if e.path is None:
+                raise type(e)(e.bare_message, offset=e.offset, path=str(path)) from e
+            raise
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            self.file.close()
+            raise CorruptError(f"inconsistent session metadata ({type(e).__name__}: {e})", path=str(path)) from e
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def _v(self, key, default=...):
+        return self.file.value(key, default)
+
+    def _list(self, key, n: int | None = None) -> list:
+        value = self._v(key)
+        if isinstance(value, str) or not hasattr(value, "__len__"):
+            raise CorruptError(f"{key} must be an array")
+        if n is not None and len(value) != n:
+            raise CorruptError(f"{key} has {len(value)} entries, expected {n}")
+        return [v if isinstance(v, str) else int(v) for v in value]
+
+    def _load(self):
+        try:
+            self.framing = Framing(self._v("deltakv.source.framing"))
+            self.layout = BodyLayout(self._v("deltakv.source.layout"))
+        except ValueError as e:
+            raise CorruptError(f"unknown source framing or layout: {e}") from e
+        self.file_version = self._v("deltakv.source.file_version", None)
+        self.seq_prefix_id = self._v("deltakv.source.seq_prefix_id", None)
+        self.arch = self._v("deltakv.source.arch", None)
+        self.token_format = self._v("deltakv.source.token_format")
+        self.codec_name = self._v("deltakv.codec")
+        self.section_kind = self._list("deltakv.section.kind")
+        n_sec = len(self.section_kind)
+        self.section_role = self._list("deltakv.section.role", n_sec)
+        self.section_has_n_stream = self._list("deltakv.section.has_n_stream", n_sec)
+        self.stream_section = self._list("deltakv.stream.section")
+        n_st = len(self.stream_section)
+        self.stream_cells = self._list("deltakv.stream.cell_count", n_st)
+        self.stream_ext = self._list("deltakv.stream.cell_ext_bytes", n_st)
+        self.stream_v_trans = self._list("deltakv.stream.v_trans", n_st)
+        self.stream_n_layer = self._list("deltakv.stream.n_layer", n_st)
+        self.stream_rot_k = self._list("deltakv.stream.n_rot_k", n_st)
+        self.stream_rot_v = self._list("deltakv.stream.n_rot_v", n_st)
+        self.stream_n_k = self._list("deltakv.stream.n_k", n_st)
+        self.stream_n_v = self._list("deltakv.stream.n_v", n_st)
+        names = self._list("deltakv.track.name")
+        n_tr = len(names)
+        types = self._list("deltakv.track.ggml_type", n_tr)
+        n_values = self._list("deltakv.track.n_values", n_tr)
+        transposed = self._list("deltakv.track.transposed", n_tr)
+        codecs = self._list("deltakv.track.codec", n_tr)
+        intervals = self._list("deltakv.track.keyframe_interval", n_tr)
+        rotations = self._list("deltakv.track.rotation", n_tr)
+        self.n_segments = int(self._v("deltakv.segment.count"))
+        self.seg_first_row = np.array(self._list("deltakv.segment.first_row", self.n_segments * n_st), np.int64).reshape(self.n_segments, n_st)
+        self.seg_rows = np.array(self._list("deltakv.segment.rows", self.n_segments * n_st), np.int64).reshape(self.n_segments, n_st)
+        self.seg_first_token = self._list("deltakv.segment.first_token", self.n_segments)
+        self.seg_tokens = self._list("deltakv.segment.tokens", self.n_segments)
+        if any(s >= n_sec or self.section_kind[s] != "kv" for s in self.stream_section):
+            raise CorruptError("deltakv.stream.section names a section that is not a KV cache")
+        self.tracks = []
+        expected_names = [f"s{g}.l{i}.{kv}" for g in range(n_st) for kv, n in (("k", self.stream_n_k[g]), ("v", self.stream_n_v[g])) for i in range(n)]
+        if names != expected_names:
+            raise CorruptError("deltakv.track.name does not list s{stream}.l{layer}.k then .v for every stream in order")
+        for i in range(n_tr):
+            if types[i] not in GGMLType._value2member_map_:
+                raise CorruptError(f"track {names[i]} has unknown ggml type {types[i]}")
+            codec = get_codec(codecs[i], keyframe_interval=intervals[i], rotation=rotations[i])
+            stream = int(names[i][1:names[i].index(".")])
+            self.tracks.append(Track(i, names[i], stream, types[i], n_values[i], bool(transposed[i]), codec))
+        self.track_by_name = {t.name: t for t in self.tracks}
+        for g in range(n_st):
+            end = 0
+            for s in range(self.n_segments):
+                first, rows = int(self.seg_first_row[s, g]), int(self.seg_rows[s, g])
+                if rows and first > end:
+                    raise CorruptError(f"segment {s} of stream {g} starts at row {first}, after the previous end {end}")
+                if rows:
+                    end = first + rows
+            if end != self.stream_cells[g]:
+                raise CorruptError(f"stream {g}: segments hold {end} rows, deltakv.stream.cell_count says {self.stream_cells[g]}")
+        for t in self.tracks:
+            chunk = t.codec.keyframe_interval
+            for s in range(self.n_segments):
+                rows = int(self.seg_rows[s, t.stream])
+                if rows and self.seg_first_row[s, t.stream] % chunk:
+                    raise CorruptError(f"segment {s} of {t.name} does not start on a keyframe")
+                if rows:
+                    parts = self._parts(t, s)
+                    if t.codec.rows_of_parts(parts) != rows:
+                        raise CorruptError(f"tensors of {t.name} segment {s} hold {t.codec.rows_of_parts(parts)} rows, expected {rows}")
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def n_tokens(self) -> int:
+        return self.seg_first_token[-1] + self.seg_tokens[-1] if self.n_segments else 0
+
+    def tokens(self) -> np.ndarray | None:
+        if self.token_format != "plain":
+            return None
+        out = np.empty(self.n_tokens, np.int32)
+        for s in range(self.n_segments):
+            if self.seg_tokens[s]:
+                tok = self.file.tensor(f"tokens.{s}")
+                if tok.shape != (self.seg_tokens[s],):
+                    raise CorruptError(f"tokens.{s} holds {tok.shape} tokens, expected {self.seg_tokens[s]}")
+                out[self.seg_first_token[s]:self.seg_first_token[s] + self.seg_tokens[s]] = tok
+        return out
+
+    def _parts(self, track: Track, segment: int) -> dict[str, np.ndarray]:
+        parts = {}
+        for part in track.codec.parts(track.ggml_type, track.n_values):
+            name = track.part_name(segment, part.role)
+            if self.file.has_tensor(name):
+                info = self.file.tensor_infos[name]
+                if info.ggml_type != part.ggml_type or info.shape[0] != part.n_values or len(info.shape) != 2:
+                    raise CorruptError(
+                        f"tensor {name!r} is {GGMLType(info.ggml_type).name} {info.shape}; "
+                        f"expected {GGMLType(part.ggml_type).name} with rows of {part.n_values}"
+                    )
+                parts[part.role] = self.file.tensor(name)
+            else:
+                parts[part.role] = _empty_part(part)
+        return parts
+
+    def _owned(self, stream: int) -> list[tuple[int, int, int]]:
+        """(segment, first row, end row) of the rows each segment still owns."""
+        spans = []
+        for s in range(self.n_segments):
+            rows = int(self.seg_rows[s, stream])
+            if not rows:
+                continue
+            first = int(self.seg_first_row[s, stream])
+            if spans and spans[-1][2] > first:
+                spans[-1] = (spans[-1][0], spans[-1][1], first)
+            spans.append((s, first, first + rows))
+        return [sp for sp in spans if sp[2] > sp[1]]
+
+    def rows(self, track: Track | str, row_lo: int = 0, row_hi: int | None = None, out=None) -> np.ndarray:
+        """Decode rows [row_lo, row_hi) of a track: token-major element bits (or raw row bytes)."""
+        if isinstance(track, str):
+            track = self.track_by_name[track]
+        n = self.stream_cells[track.stream]
+        row_hi = n if row_hi is None else row_hi
+        if not 0 <= row_lo <= row_hi <= n:
+            raise DeltaKVError(f"rows {row_lo}..{row_hi} out of range 0..{n} for {track.name}")
+        pieces = []
+        for s, first, end in self._owned(track.stream):
+            lo, hi = max(row_lo, first), min(row_hi, end)
+            if lo >= hi:
+                continue
+            parts = self._parts(track, s)
+            pieces.append(track.codec.decode(parts, track.ggml_type, track.n_values, lo - first, hi - first))
+        if not pieces:
+            dt = {GGMLType.F16: np.uint16, GGMLType.BF16: np.uint16, GGMLType.F32: np.uint32}.get(track.ggml_type, np.uint8)
+            return np.empty((0, track.n_values), dt)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def cells(self, stream: int) -> bytes:
+        out = []
+        for s, first, end in self._owned(stream):
+            raw = self.file.tensor(f"s{stream}.cells.{s}").reshape(-1) if self.file.has_tensor(f"s{stream}.cells.{s}") else np.empty(0, np.uint8)
+            ends = cell_record_ends(raw, int(self.seg_rows[s, stream]), self.stream_ext[stream])
+            if len(ends) and ends[-1] != len(raw):
+                raise CorruptError(f"cell records of stream {stream} segment {s} have {len(raw) - ends[-1]} extra bytes")
+            out.append(raw[:ends[end - first - 1]].tobytes() if end > first else b"")
+        return b"".join(out)
+
+    def to_llama_state(self) -> LlamaState:
+        """Decode everything and rebuild the llama.cpp state it came from."""
+        sections = []
+        stream_iter = 0
+        by_stream: dict[int, list[Track]] = {}
+        for t in self.tracks:
+            by_stream.setdefault(t.stream, []).append(t)
+        for i, kind in enumerate(self.section_kind):
+            if kind == "opaque":
+                data = self.file.tensor(f"section.{i}").reshape(-1) if self.file.has_tensor(f"section.{i}") else np.empty(0, np.uint8)
+                sections.append(OpaqueSection(self.section_role[i], memoryview(data.tobytes())))
+                continue
+            streams = []
+            while stream_iter < len(self.stream_section) and self.stream_section[stream_iter] == i:
+                g = stream_iter
+                n = self.stream_cells[g]
+                ks, vs = [], []
+                for t in by_stream.get(g, []):
+                    rows = self.rows(t)
+                    if t.ggml_type in FLOAT_TYPES:
+                        n_values = t.n_values
+                    else:
+                        from .constants import GGML_BLOCK_SIZES
+
+                        bv, bb = GGML_BLOCK_SIZES[t.ggml_type]
+                        n_values = t.n_values // bb * bv
+                    kv = KVTensor(t.ggml_type, n, n_values, t.transposed, memoryview(KVTensor.payload_from_rows(rows, t.transposed)))
+                    (ks if t.name.endswith(".k") else vs).append(kv)
+                rot = None if self.stream_rot_k[g] < 0 else (self.stream_rot_k[g], self.stream_rot_v[g])
+                streams.append(KVStream(
+                    cell_count=n, cells=memoryview(self.cells(g)), cell_ext_bytes=self.stream_ext[g],
+                    v_trans=None if self.stream_v_trans[g] < 0 else self.stream_v_trans[g],
+                    n_layer=None if self.stream_n_layer[g] < 0 else self.stream_n_layer[g], rot=rot, k=ks, v=vs,
+                ))
+                stream_iter += 1
+            sections.append(KVCacheSection(bool(self.section_has_n_stream[i]), streams))
+        if self.token_format == "plain":
+            token_words = memoryview(self.tokens().astype("<i4").tobytes())
+        elif self.token_format == "packed":
+            token_words = memoryview(self.file.tensor("token_blob").reshape(-1).tobytes())
+        else:
+            token_words = None
+        arch = self.arch
+        return LlamaState(
+            framing=self.framing, layout=self.layout, file_version=self.file_version, token_words=token_words,
+            seq_prefix_id=self.seq_prefix_id, arch=arch, arch_bytes=None if arch is None else arch.encode("utf-8"),
+            sections=sections,
+        )
+
+    def stats(self) -> dict:
+        payload = sum(info.nbytes for name, info in self.file.tensor_infos.items() if name.startswith("s") and ".l" in name)
+        source = 0
+        for t in self.tracks:
+            from .constants import ggml_row_bytes
+
+            per_row = ggml_row_bytes(t.ggml_type, t.n_values) if t.ggml_type in FLOAT_TYPES else t.n_values
+            source += per_row * self.stream_cells[t.stream]
+        return {"kv_source_bytes": source, "kv_stored_bytes": payload, "file_bytes": self.file.file_size}
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def append_session(path, state: LlamaState, progress=None) -> dict:
+    """Extend the session at ``path`` with the rows ``state`` has beyond it.
+
+    ``state`` must be a newer state of the same context: same structure, and the stored
+    tokens and cells a prefix of its own. Writes the new rows and re-encodes the last
+    partial keyframe chunk from ``state``'s exact values; O(new rows).
+    """
+    with DkvSession(path) as old:
+        streams = _streams(state)
+        if len(streams) != len(old.stream_cells) or [type(s).__name__ for s in state.sections] != [
+            "KVCacheSection" if k == "kv" else "OpaqueSection" for k in old.section_kind
+        ]:
+            raise SessionMismatchError("the live state has another structure (sections or streams) than the stored session")
+        for i, sec in enumerate(state.sections):
+            if isinstance(sec, OpaqueSection):
+                stored = old.file.tensor(f"section.{i}").reshape(-1) if old.file.has_tensor(f"section.{i}") else np.empty(0, np.uint8)
+                if bytes(sec.data) != stored.tobytes():
+                    raise SessionMismatchError(f"section {i} ({sec.role}) changed; only attention KV caches can be extended")
+        tokens = state.tokens()
+        if old.token_format != ("none" if state.token_words is None else ("plain" if tokens is not None else "packed")):
+            raise SessionMismatchError("the live state frames its tokens differently from the stored session")
+        if old.token_format == "packed":
+            raise SessionMismatchError("a session with a packed (llama-server) token field cannot be extended; convert it anew")
+        old_tokens = old.tokens()
+        if tokens is not None:
+            if len(tokens) < len(old_tokens) or not np.array_equal(tokens[len(old_tokens) - min(len(old_tokens), 64):len(old_tokens)], old_tokens[-64:] if len(old_tokens) else old_tokens):
+                raise SessionMismatchError("the stored tokens are not a prefix of the live tokens")
+        tracks = old.tracks
+        by_stream: dict[int, list[Track]] = {}
+        for t in tracks:
+            by_stream.setdefault(t.stream, []).append(t)
+        segment = old.n_segments
+        builder = _SessionBuilder()
+        first_rows, rows_added, new_cells = [], [], []
+        for g, (_, stream) in enumerate(streams):
+            old_n = old.stream_cells[g]
+            pairs = list(zip(by_stream.get(g, []), _stream_tracks(stream)))
+            if len(pairs) != len(by_stream.get(g, [])) or len(_stream_tracks(stream)) != len(by_stream.get(g, [])):
+                raise SessionMismatchError(f"stream {g}: the live state has another number of layers")
+            for t, (_, kv) in pairs:
+                if kv.ggml_type != t.ggml_type or kv.transposed != t.transposed:
+                    raise SessionMismatchError(f"{t.name}: the live cache has type {GGMLType(kv.ggml_type).name}, the stored one {GGMLType(t.ggml_type).name}")
+            if stream.cell_count < old_n:
+                raise SessionMismatchError(f"stream {g}: the live state has {stream.cell_count} cells, fewer than the stored {old_n}")
+            if stream.cell_ext_bytes != old.stream_ext[g]:
+                raise SessionMismatchError(f"stream {g}: cell record layout differs")
+            first = old_n - old_n % _chunk_of(by_stream.get(g, [])) if stream.cell_count > old_n else old_n
+            ends = cell_record_ends(stream.cells, stream.cell_count, stream.cell_ext_bytes)
+            start_byte = int(ends[first - 1]) if first else 0
+            if stream.cell_count > old_n:
+                stored_tail = old.cells(g)[start_byte:]
+                live_tail = bytes(stream.cells[start_byte:int(ends[old_n - 1]) if old_n else 0])
+                if stored_tail != live_tail:
+                    raise SessionMismatchError(f"stream {g}: the stored cells are not a prefix of the live cells")
+                builder.add(f"s{g}.cells.{segment}", GGMLType.I8, np.frombuffer(stream.cells, np.uint8)[start_byte:])
+                for t, (_, kv) in pairs:
+                    builder.add_track_segment(t, segment, _track_rows(kv)[first:], t.name)
+                    if progress is not None:
+                        progress(t.name)
+                first_rows.append(first)
+                rows_added.append(stream.cell_count - first)
+            else:
+                first_rows.append(0)
+                rows_added.append(0)
+            new_cells.append(stream.cell_count)
+        n_new_tokens = 0 if tokens is None else len(tokens) - len(old_tokens)
+        if tokens is not None and n_new_tokens:
+            builder.add(f"tokens.{segment}", GGMLType.I32, tokens[len(old_tokens):])
+        if not any(rows_added) and not n_new_tokens:
+            return {"rows_added": 0, "tokens_added": 0}
+        seg_first_row = np.vstack([old.seg_first_row, [first_rows]]).reshape(-1).tolist()
+        seg_rows = np.vstack([old.seg_rows, [rows_added]]).reshape(-1).tolist()
+        codec = get_codec(old.codec_name)
+        kvs = _session_kvs(state, codec, tracks, seg_first_row, seg_rows, old.seg_first_token + [len(old_tokens) if tokens is not None else 0],
+                           old.seg_tokens + [n_new_tokens], new_cells)
+        kvs = [kv for kv in kvs if kv.key != "deltakv.codec"] + [KeyValue("deltakv.codec", STR, old.codec_name)]
+        path = old.path
+    append_container(path, kvs, builder.tensors)
+    return {"rows_added": sum(rows_added), "tokens_added": n_new_tokens}

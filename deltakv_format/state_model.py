@@ -1,0 +1,153 @@
+"""Typed view of a llama.cpp state: what ``llama_state_parse`` produces and ``llama_state_write`` consumes.
+
+A llama.cpp state is framing (file magic, version, token field, sequence prefix),
+a body (arch string, legacy outputs, memory modules) and, inside the attention KV
+caches, per-layer K/V payloads. Everything that is not a K/V payload is kept as
+exact bytes or as the integers it was read from, so that writing the parsed
+state back yields the input byte for byte.
+
+K/V payloads are exposed token-major ("one row per cell"): ``KVTensor.rows()``
+returns a ``(cell_count, n_values)`` view of element bit patterns for float
+types, or ``(cell_count, row_bytes)`` bytes for quantized types. A transposed V
+(``v_trans == 1``) is stored by llama.cpp channel-major; ``rows()`` transposes
+it and ``KVTensor.from_rows`` transposes back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from .constants import FLOAT_TYPES, GGML_BLOCK_SIZES, GGMLType
+
+
+class Framing(str, Enum):
+    """How the state reached the user (shared/reference/llama-state.md, "four ways")."""
+
+    SESSION_FILE = "ggsn"  # llama_state_save_file
+    SEQUENCE_FILE = "ggsq"  # llama_state_seq_save_file, llama-server slot save
+    STATE = "state"  # llama_state_get_data (whole context, in memory)
+    SEQ_STATE = "seqstate"  # llama_state_seq_get_data (one sequence, in memory)
+
+
+class BodyLayout(str, Enum):
+    """Layout of the state body; the version word alone does not decide it."""
+
+    V9_OUTPUTS = "v9-outputs"  # 2025-05: arch, outputs, logits, embeddings, KV without n_stream
+    V9_OUTPUTS_STREAMS = "v9-outputs-streams"  # 2025-07..2026-02: same with u32 n_stream
+    V9 = "v9"  # 2026-02..: arch, memory
+    V10 = "v10"  # llama-cpp-python 0.3.36: per-cell ext records possible
+    V11 = "v11"  # llama-server 2026: n_rot_k, n_rot_v after v_trans and n_layer
+
+
+def element_dtype(ggml_type: int) -> np.dtype:
+    """numpy dtype of one element's bit pattern for float cache types."""
+    return np.dtype(np.uint32) if ggml_type == GGMLType.F32 else np.dtype(np.uint16)
+
+
+@dataclass
+class KVTensor:
+    """One layer's K or V payload of one stream, as llama.cpp wrote it."""
+
+    ggml_type: int
+    cell_count: int
+    n_values: int  # values per cell (n_embd_k_gqa or n_embd_v_gqa)
+    transposed: bool  # V with v_trans == 1: element-major, as llama.cpp stores it
+    data: memoryview  # exactly the payload bytes (row_bytes * cell_count)
+
+    @property
+    def is_float(self) -> bool:
+        return self.ggml_type in FLOAT_TYPES
+
+    @property
+    def row_bytes(self) -> int:
+        block_values, block_bytes = GGML_BLOCK_SIZES[self.ggml_type]
+        return self.n_values // block_values * block_bytes
+
+    @property
+    def element_bytes(self) -> int:
+        """ggml_type_size: bytes of one block (of one element for float types)."""
+        return GGML_BLOCK_SIZES[self.ggml_type][1]
+
+    def rows(self) -> np.ndarray:
+        """Token-major rows: element bits (float types) or raw row bytes (others)."""
+        buf = np.frombuffer(self.data, dtype=np.uint8)
+        if self.is_float:
+            dt = element_dtype(self.ggml_type)
+            if self.transposed:
+                return buf.view(dt).reshape(self.n_values, self.cell_count).T
+            return buf.view(dt).reshape(self.cell_count, self.n_values)
+        if self.transposed:
+            # Element-major quantized V cannot exist (ggml needs flash attention for it);
+            # keep the bytes channel-major so that they still round-trip.
+            return buf.reshape(self.n_values, self.cell_count * self.element_bytes)
+        return buf.reshape(self.cell_count, self.row_bytes)
+
+    @staticmethod
+    def payload_from_rows(rows: np.ndarray, transposed: bool) -> bytes:
+        """Inverse of :meth:`rows`: the payload bytes as llama.cpp stores them."""
+        if transposed and rows.dtype != np.uint8:
+            return np.ascontiguousarray(rows.T).tobytes()
+        return np.ascontiguousarray(rows).tobytes()
+
+
+@dataclass
+class KVStream:
+    """One stream of an attention KV cache (``llama_kv_cache::state_write``)."""
+
+    cell_count: int
+    cells: memoryview  # the per-cell records exactly as written (pos, n_seq_id, [ext], seq ids)
+    cell_ext_bytes: int  # 0 or the size of the per-cell ext record (12 in v10+ with M-RoPE/PLE)
+    v_trans: int | None  # None when cell_count == 0 (nothing else written)
+    n_layer: int | None
+    rot: tuple[int, int] | None  # (n_rot_k, n_rot_v) in v11, else None
+    k: list[KVTensor] = field(default_factory=list)
+    v: list[KVTensor] = field(default_factory=list)  # may be shorter than k (layers without V)
+
+
+@dataclass
+class KVCacheSection:
+    """An attention KV cache; iSWA models write two (full-attention first, then SWA)."""
+
+    has_n_stream: bool  # False only in the oldest v9 layout
+    streams: list[KVStream]
+
+
+@dataclass
+class OpaqueSection:
+    """Bytes kept as they are: legacy outputs/logits/embeddings, recurrent state, ..."""
+
+    role: str  # "outputs", "recurrent", ...
+    data: memoryview
+
+
+Section = KVCacheSection | OpaqueSection
+
+
+@dataclass
+class LlamaState:
+    """A whole parsed llama.cpp state (any framing, any supported layout)."""
+
+    framing: Framing
+    layout: BodyLayout
+    file_version: int | None  # ggsn/ggsq version word; None for in-memory blobs
+    token_words: memoryview | None  # the token field after n_tokens, as int32 words (files only)
+    seq_prefix_id: int | None  # source seq_id after 0xAF143CD8 in newer seq blobs; None if absent
+    arch: str | None  # whole-context bodies only
+    arch_bytes: bytes | None  # the arch string exactly as stored (kept even if not UTF-8)
+    sections: list[Section] = field(default_factory=list)
+
+    @property
+    def kv_sections(self) -> list[KVCacheSection]:
+        return [s for s in self.sections if isinstance(s, KVCacheSection)]
+
+    def tokens(self) -> np.ndarray | None:
+        """Plain token ids when the token field is a plain list; None for packed or absent fields."""
+        if self.token_words is None:
+            return None
+        words = np.frombuffer(self.token_words, dtype="<i4")
+        if len(words) and words[0] == -1:
+            return None  # llama-server's packed token blob
+        return words
