@@ -443,6 +443,35 @@ class DkvSession:
             sections=sections,
         )
 
+    def source_bytes(self) -> int:
+        """Size of the llama.cpp state this session rebuilds (SPEC.md section 4), without decoding."""
+        from .constants import ggml_row_bytes
+
+        total = 0
+        if self.framing in (Framing.SESSION_FILE, Framing.SEQUENCE_FILE):
+            words = self.n_tokens if self.token_format == "plain" else self.file.tensor_infos["token_blob"].nbytes // 4
+            total += 12 + 4 * words
+        if self.seq_prefix_id is not None:
+            total += 8
+        if self.arch is not None:
+            total += 4 + len(self.arch.encode("utf-8"))
+        for i, kind in enumerate(self.section_kind):
+            if kind == "opaque":
+                info = self.file.tensor_infos.get(f"section.{i}")
+                total += info.nbytes if info else 0
+            elif self.section_has_n_stream[i]:
+                total += 4
+        for g in range(len(self.stream_section)):
+            total += 4
+            if not self.stream_cells[g]:
+                continue
+            total += len(self.cells(g)) + 8 + (8 if self.stream_rot_k[g] >= 0 else 0)
+            for t in self.tracks:
+                if t.stream == g:
+                    row = ggml_row_bytes(t.ggml_type, t.n_values) if t.ggml_type in FLOAT_TYPES else t.n_values
+                    total += 12 + row * self.stream_cells[g]
+        return total
+
     def stats(self) -> dict:
         payload = sum(info.nbytes for name, info in self.file.tensor_infos.items() if name.startswith("s") and ".l" in name)
         source = 0

@@ -132,9 +132,11 @@ class RawCodec(Codec):
         return True
 
     def parts(self, ggml_type, n_values):
+        """For float types ``n_values`` counts values; for other types it is already row bytes."""
         from ..constants import ggml_row_bytes
 
-        return [Part("data", GGMLType.I8, ggml_row_bytes(ggml_type, n_values))]
+        row_bytes = ggml_row_bytes(ggml_type, n_values) if ggml_type in FLOAT_TYPES else n_values
+        return [Part("data", GGMLType.I8, row_bytes)]
 
     def encode(self, rows, ggml_type, where="track"):
         return {"data": np.ascontiguousarray(rows).view(np.uint8).reshape(rows.shape[0], -1)}

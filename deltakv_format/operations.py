@@ -1,0 +1,346 @@
+"""File-level operations behind the ``deltakv`` command: convert, restore, inspect, validate.
+
+The command line only parses arguments and prints; everything it can do is here,
+callable from Python.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .codecs import get_codec
+from .constants import FLOAT_TYPES, GGMLType, ggml_row_bytes
+from .container import DkvFile, _fsync_dir
+from .errors import DeltaKVError
+from .session import DkvSession, write_session
+from .state_model import Framing, KVCacheSection, LlamaState, OpaqueSection
+
+DKV_MAGIC = b"GGUF"
+
+
+def atomic_write(path, chunks) -> int:
+    """Write ``chunks`` (bytes-like) to ``path`` through a temporary file, fsync and rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    written = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                written += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return written
+
+
+class MappedFile:
+    """A read-only memory map of a whole file (empty files map to b"")."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self._f = open(self.path, "rb")
+        except FileNotFoundError as e:
+            raise DeltaKVError(f"no such file: {self.path}") from e
+        except IsADirectoryError as e:
+            raise DeltaKVError(f"{self.path} is a folder, expected a file") from e
+        size = os.fstat(self._f.fileno()).st_size
+        self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self.buf = memoryview(self._map) if self._map is not None else memoryview(b"")
+
+    def close(self):
+        try:
+            self.buf.release()
+        except Exception:
+            pass
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # views into the map still alive; it closes when they go
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def is_dkv(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == DKV_MAGIC
+
+
+def load_model_info(model_path):
+    if model_path is None:
+        return None
+    from .model_info import ModelInfo
+
+    return ModelInfo.from_gguf(model_path)
+
+
+def parse_state_file(mapped: MappedFile, model=None) -> LlamaState:
+    from .llama_state import parse_state
+
+    try:
+        return parse_state(mapped.buf, model=model)
+    except DeltaKVError as e:
+        if e.path is None:
+            raise type(e)(e.bare_message, offset=e.offset, path=str(mapped.path)) from e
+        raise
+
+
+# ---- convert ----------------------------------------------------------------------------
+
+
+@dataclass
+class ConvertReport:
+    source_bytes: int
+    dkv_bytes: int
+    kv_source_bytes: int
+    kv_stored_bytes: int
+    codec: str
+    tracks_by_codec: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.dkv_bytes / self.source_bytes if self.source_bytes else float("nan")
+
+
+def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_path=None, progress=None) -> ConvertReport:
+    """llama.cpp state file (any supported framing and layout) -> .dkv."""
+    codec_obj = get_codec(codec, keyframe_interval=keyframe_interval) if keyframe_interval else get_codec(codec)
+    model = load_model_info(model_path)
+    with MappedFile(in_path) as mapped:
+        if bytes(mapped.buf[:4]) == DKV_MAGIC:
+            raise DeltaKVError(f"{in_path} is already a GGUF/.dkv file; convert takes a llama.cpp state file")
+        state = parse_state_file(mapped, model)
+        session = write_session(state, out_path, codec_obj, progress=progress)
+        source_bytes = len(mapped.buf)
+        del state
+    with session:
+        stats = session.stats()
+        by_codec: dict[str, int] = {}
+        for t in session.tracks:
+            by_codec[t.codec.name] = by_codec.get(t.codec.name, 0) + 1
+        return ConvertReport(source_bytes, stats["file_bytes"], stats["kv_source_bytes"], stats["kv_stored_bytes"],
+                             codec_obj.name, by_codec)
+
+
+# ---- restore ----------------------------------------------------------------------------
+
+
+def restore(dkv_path, out_path, *, framing: str | None = None) -> int:
+    """.dkv -> llama.cpp state bytes (the original framing unless ``framing`` says otherwise)."""
+    from .llama_state import write_state
+
+    with DkvSession(dkv_path) as session:
+        state = session.to_llama_state()
+        target = Framing(framing) if framing else None
+        tokens = session.tokens()
+        data = write_state(state, framing=target, tokens=tokens)
+    return atomic_write(out_path, [data])
+
+
+# ---- inspect ----------------------------------------------------------------------------
+
+
+def _token_text(model_path, tokens) -> list[str] | None:
+    if model_path is None or tokens is None:
+        return None
+    from gguf import GGUFReader
+
+    reader = GGUFReader(model_path)
+    field_ = reader.fields.get("tokenizer.ggml.tokens")
+    if field_ is None:
+        return None
+    vocab = field_.contents()
+    return [vocab[t] if 0 <= t < len(vocab) else f"<{t}>" for t in tokens]
+
+
+def _escape(s: str) -> str:
+    return s.encode("unicode_escape").decode("ascii")
+
+
+def inspect_state(state: LlamaState) -> dict:
+    sections = []
+    for sec in state.sections:
+        if isinstance(sec, OpaqueSection):
+            sections.append({"kind": "opaque", "role": sec.role, "bytes": len(sec.data)})
+            continue
+        streams = []
+        for st in sec.streams:
+            types = sorted({GGMLType(t.ggml_type).name for t in st.k + st.v})
+            streams.append({
+                "cells": st.cell_count, "v_trans": st.v_trans, "n_layer": st.n_layer, "k_layers": len(st.k),
+                "v_layers": len(st.v), "types": types, "cell_ext_bytes": st.cell_ext_bytes,
+                "kv_bytes": sum(len(t.data) for t in st.k + st.v),
+                "values_per_row": sorted({t.n_values for t in st.k + st.v}),
+            })
+        sections.append({"kind": "kv", "has_n_stream": sec.has_n_stream, "streams": streams})
+    return {"framing": state.framing.value, "layout": state.layout.value, "file_version": state.file_version,
+            "arch": _escape(state.arch) if state.arch is not None else None, "sections": sections}
+
+
+def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
+    """A description of a .dkv or a llama.cpp state file (what ``deltakv inspect --json`` prints)."""
+    path = Path(path)
+    if is_dkv(path):
+        with DkvSession(path) as s:
+            state_info = {"framing": s.framing.value, "layout": s.layout.value, "file_version": s.file_version,
+                          "arch": _escape(s.arch) if s.arch else None}
+            tokens = s.tokens()
+            stats = s.stats()
+            source = s.source_bytes()
+            tracks = {}
+            for t in s.tracks:
+                key = (t.codec.name, t.codec.keyframe_interval, t.codec.rotation, GGMLType(t.ggml_type).name)
+                tracks[key] = tracks.get(key, 0) + 1
+            info = {
+                "file": str(path), "kind": "dkv", "format_version": int(s.file.value("deltakv.version")),
+                **state_info,
+                "codec": s.codec_name,
+                "tracks": [{"codec": c, "keyframe_interval": n, "rotation": r, "type": ty, "count": k}
+                           for (c, n, r, ty), k in tracks.items()],
+                "segments": s.n_segments,
+                "streams": [{"cells": c} for c in s.stream_cells],
+                "layers": sum(s.stream_n_k),
+                "n_tokens": None if tokens is None else len(tokens),
+                "bytes": {"file": stats["file_bytes"], "source": source, "kv_source": stats["kv_source_bytes"],
+                          "kv_stored": stats["kv_stored_bytes"]},
+                "compression_ratio": stats["file_bytes"] / source if source else None,
+                "kv_bits_per_value": _bits_per_value(s),
+            }
+    else:
+        with MappedFile(path) as mapped:
+            state = parse_state_file(mapped, load_model_info(model_path))
+            tokens = state.tokens()
+            tokens = None if tokens is None else np.array(tokens)
+            info = {"file": str(path), "kind": "llama.cpp state", **inspect_state(state), "bytes": {"file": len(mapped.buf)}}
+            info["n_tokens"] = None if tokens is None else len(tokens)
+            del state
+    if tokens is not None:
+        first = [int(t) for t in tokens[:n_tokens_shown]]
+        info["first_tokens"] = first
+        text = _token_text(model_path, first)
+        if text is not None:
+            info["first_tokens_text"] = [_escape(t) for t in text]
+    return info
+
+
+def _bits_per_value(session: DkvSession) -> float | None:
+    values = 0
+    for t in session.tracks:
+        if t.ggml_type in FLOAT_TYPES:
+            values += t.n_values * session.stream_cells[t.stream]
+    if not values:
+        return None
+    stored = 0
+    for t in session.tracks:
+        if t.ggml_type in FLOAT_TYPES:
+            stored += sum(info.nbytes for name, info in session.file.tensor_infos.items() if name.startswith(t.name + "."))
+    return 8 * stored / values
+
+
+# ---- validate -------------------------------------------------------------------------
+
+
+@dataclass
+class ValidationReport:
+    ok: bool
+    problems: list[str]
+    layers: list[dict] = field(default_factory=list)
+
+
+# Worst-case error bound of each codec relative to the largest magnitude of the row's 32-value
+# block (per chunk for the delta codecs); see tests/test_codecs.py for the derivation.
+CODEC_RELATIVE_BOUND = {"raw": 0.0, "f16": 1e-3, "q8_0": 0.01, "q4_0": 0.13, "delta-q4_0": 0.3, "dkv-q4": 0.6}
+
+
+def _as_f32(bits: np.ndarray, ggml_type: int) -> np.ndarray:
+    from .reference import from_source_bits
+
+    return from_source_bits(np.ascontiguousarray(bits), ggml_type)
+
+
+def validate(path, *, against=None, model_path=None) -> ValidationReport:
+    """Structure and checksums of a .dkv (or parseability of a llama.cpp file); with ``against``,
+    per-layer error figures of the decoded K/V against the original state."""
+    problems: list[str] = []
+    layers: list[dict] = []
+    path = Path(path)
+    if not is_dkv(path):
+        with MappedFile(path) as mapped:
+            parse_state_file(mapped, load_model_info(model_path))
+        return ValidationReport(True, [])
+    with DkvSession(path) as s:
+        problems += s.file.verify()
+        try:
+            rebuilt = s.to_llama_state()
+        except DeltaKVError as e:
+            problems.append(str(e))
+            return ValidationReport(False, problems)
+        if against is not None:
+            with MappedFile(against) as mapped:
+                original = parse_state_file(mapped, load_model_info(model_path))
+                layers, more = compare_states(original, rebuilt, s)
+                problems += more
+                del original
+    return ValidationReport(not problems, problems, layers)
+
+
+def compare_states(original: LlamaState, rebuilt: LlamaState, session: DkvSession) -> tuple[list[dict], list[str]]:
+    problems = []
+    layers = []
+    if original.tokens() is not None and not np.array_equal(original.tokens(), rebuilt.tokens()):
+        problems.append("tokens differ from the original")
+    o_kv, r_kv = original.kv_sections, rebuilt.kv_sections
+    if len(o_kv) != len(r_kv) or len(original.sections) != len(rebuilt.sections):
+        return layers, problems + ["the original has another structure (sections)"]
+    for a, b in zip(original.sections, rebuilt.sections):
+        if isinstance(a, OpaqueSection) and bytes(a.data) != bytes(b.data):
+            problems.append(f"opaque section {a.role} differs from the original")
+    track_iter = iter(session.tracks)
+    for sa, sb in ((x, y) for secA, secB in zip(o_kv, r_kv) for x, y in zip(secA.streams, secB.streams)):
+        if bytes(sa.cells) != bytes(sb.cells):
+            problems.append("cell records differ from the original")
+        for ta, tb in zip(sa.k + sa.v, sb.k + sb.v):
+            track = next(track_iter)
+            if ta.ggml_type != tb.ggml_type or len(ta.data) != len(tb.data):
+                problems.append(f"{track.name}: type or size differs from the original")
+                continue
+            entry = {"track": track.name, "codec": track.codec.name, "type": GGMLType(ta.ggml_type).name}
+            if ta.ggml_type in FLOAT_TYPES and ta.cell_count:
+                x = _as_f32(ta.rows(), ta.ggml_type)
+                y = _as_f32(tb.rows(), tb.ggml_type)
+                err = np.abs(y - x)
+                amax = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2) if x.shape[1] % 32 == 0 else np.abs(x).max(axis=1, keepdims=True)
+                entry["rmse"] = float(np.sqrt(np.mean((y - x) ** 2)))
+                entry["max_abs_error"] = float(err.max())
+                entry["rms_value"] = float(np.sqrt(np.mean(x ** 2)))
+                rel = float((err.reshape(err.shape[0], amax.shape[1], -1).max(axis=2) / np.maximum(amax, 1e-30)).max()) if x.shape[1] % 32 == 0 else 0.0
+                entry["max_block_relative_error"] = rel
+                entry["within_bound"] = rel <= CODEC_RELATIVE_BOUND[track.codec.name] + 1e-3
+                if not entry["within_bound"]:
+                    problems.append(f"{track.name}: error {rel:.4f} of the block maximum exceeds the {track.codec.name} bound {CODEC_RELATIVE_BOUND[track.codec.name]}")
+            else:
+                entry["identical"] = bytes(ta.data) == bytes(tb.data)
+                if not entry["identical"]:
+                    problems.append(f"{track.name}: raw payload differs from the original")
+            layers.append(entry)
+    return layers, problems

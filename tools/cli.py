@@ -1,0 +1,181 @@
+"""The ``deltakv`` command. Thin: parses arguments, calls deltakv_format / deltakv_runtime, prints.
+
+Exit codes: 0 success; 1 ``validate`` found a problem; 2 bad input or usage (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from deltakv_format.constants import CODECS, DEFAULT_CODEC
+from deltakv_format.errors import DeltaKVError
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+
+
+def _fail(message: str) -> None:
+    click.echo(f"deltakv: error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def friendly_errors(fn):
+    """Turn every expected failure into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DeltaKVError as e:
+            _fail(str(e))
+        except (OSError, MemoryError) as e:
+            _fail(f"{type(e).__name__}: {e}")
+        except KeyboardInterrupt:
+            _fail("interrupted")
+
+    return wrapper
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="deltakv")
+def main():
+    """deltakv: store llama.cpp sessions at Q4 size with near-F16 quality.
+
+    \b
+    deltakv convert session.bin            -> session.dkv
+    deltakv inspect session.dkv
+    deltakv restore session.dkv -o session.bin
+    """
+
+
+@main.command()
+@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output .dkv (default: INPUT with .dkv).")
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
+@click.option("--keyframe-interval", type=click.IntRange(1, 65536), help="Rows between keyframes (delta codecs; default 32).")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The model's GGUF: removes layout guesswork.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@friendly_errors
+def convert(input, output, codec, keyframe_interval, model, quiet):
+    """Convert a llama.cpp state file (session, sequence or state blob) to .dkv."""
+    from tqdm import tqdm
+
+    from deltakv_format import operations
+
+    output = output or input.with_suffix(".dkv")
+    if output.resolve() == input.resolve():
+        _fail(f"output {output} would overwrite the input")
+    bar = tqdm(desc="encoding", unit=" tensors", disable=quiet or not sys.stderr.isatty(), leave=False)
+    try:
+        report = operations.convert(input, output, codec=codec, keyframe_interval=keyframe_interval,
+                                    model_path=model, progress=lambda name: bar.update(1))
+    finally:
+        bar.close()
+    if not quiet:
+        tracks = ", ".join(f"{n} x {c}" for c, n in report.tracks_by_codec.items())
+        click.echo(f"{input} ({_human(report.source_bytes)}) -> {output} ({_human(report.dkv_bytes)}): "
+                   f"{report.ratio:.3f} of the original, {1 / report.ratio:.2f}x smaller")
+        click.echo(f"K/V: {_human(report.kv_source_bytes)} -> {_human(report.kv_stored_bytes)}; tensors: {tracks}")
+
+
+@main.command()
+@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: INPUT with .bin).")
+@click.option("--as", "framing", type=click.Choice(["ggsn", "ggsq", "state", "seqstate"]),
+              help="Framing to write (default: the original's).")
+@click.option("--quiet", "-q", is_flag=True)
+@friendly_errors
+def restore(input, output, framing, quiet):
+    """Rebuild the llama.cpp state file from a .dkv."""
+    from deltakv_format import operations
+
+    output = output or input.with_suffix(".bin")
+    if output.resolve() == input.resolve():
+        _fail(f"output {output} would overwrite the input")
+    n = operations.restore(input, output, framing=framing)
+    if not quiet:
+        click.echo(f"{input} -> {output} ({_human(n)})")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Model GGUF: decodes tokens, fixes the layout.")
+@friendly_errors
+def inspect(file, as_json, model):
+    """Describe a .dkv or a llama.cpp state file."""
+    from deltakv_format import operations
+
+    info = operations.inspect(file, model_path=model)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if isinstance(value, (list, dict)):
+            click.echo(f"{key}:")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                click.echo(f"  {k}: {v}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--against", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The original llama.cpp file: report per-layer errors and check the codec's bound.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def validate(file, against, model, as_json):
+    """Check structure and checksums (exit 0 ok, 1 problems, 2 unreadable)."""
+    from deltakv_format import operations
+
+    report = operations.validate(file, against=against, model_path=model)
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "problems": report.problems, "layers": report.layers}, indent=2))
+    else:
+        for entry in report.layers:
+            figures = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "track")
+            click.echo(f"{entry['track']}: {figures}")
+        for p in report.problems:
+            click.echo(f"problem: {p}")
+        click.echo(f"{file}: {'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
+    sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
+
+
+@main.group()
+def bench():
+    """Benchmarks (ratios measured in one run on this machine)."""
+
+
+@bench.command("codec")
+@click.option("--rows", type=int, default=8192, show_default=True, help="Tokens (rows) per layer tensor.")
+@click.option("--values", type=int, default=1024, show_default=True, help="Values per row (8 KV heads x 128: an 8B model).")
+@click.option("--layers", type=int, default=4, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True)
+@click.option("--codec", "codecs", multiple=True, type=click.Choice(CODECS), help="Codecs to run (default: all).")
+@click.option("--source", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Take real K/V rows from this llama.cpp state file instead of synthetic ones.")
+@friendly_errors
+def bench_codec(rows, values, layers, repeat, codecs, source):
+    """Encode and decode GB/s next to a numpy copy of the same bytes."""
+    from .bench_codec import run
+
+    click.echo(run(rows=rows, values=values, layers=layers, repeat=repeat, codecs=codecs or CODECS, source=source))
+
+
+if __name__ == "__main__":
+    main()
