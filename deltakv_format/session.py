@@ -182,8 +182,13 @@ def _session_kvs(state: LlamaState, codec: Codec, tracks: list[Track], seg_first
     return kvs
 
 
-def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progress=None) -> "DkvSession":
-    """Store ``state`` as a new .dkv at ``path`` (atomically) and return it opened."""
+def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progress=None, *,
+                  extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = ()) -> "DkvSession":
+    """Store ``state`` as a new .dkv at ``path`` (atomically) and return it opened.
+
+    ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
+    ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
+    """
     if isinstance(codec, str):
         codec = get_codec(codec)
     tracks = _plan_tracks(state, codec)
@@ -209,8 +214,8 @@ def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progre
             if progress is not None:
                 progress(track.name)
     cells = [s.cell_count for _, s in streams]
-    kvs = _session_kvs(state, codec, tracks, [0] * len(streams), cells, [0], [n_tokens], cells)
-    write_container(path, kvs, builder.tensors)
+    kvs = _session_kvs(state, codec, tracks, [0] * len(streams), cells, [0], [n_tokens], cells) + list(extra_kvs)
+    write_container(path, kvs, builder.tensors + list(extra_tensors))
     return DkvSession(path)
 
 
@@ -568,6 +573,8 @@ def append_session(path, state: LlamaState, progress=None) -> dict:
         kvs = _session_kvs(state, codec, tracks, seg_first_row, seg_rows, old.seg_first_token + [len(old_tokens) if tokens is not None else 0],
                            old.seg_tokens + [n_new_tokens], new_cells)
         kvs = [kv for kv in kvs if kv.key != "deltakv.codec"] + [KeyValue("deltakv.codec", STR, old.codec_name)]
+        ours = {kv.key for kv in kvs}
+        kvs += [kv for key, kv in old.file.kvs.items() if key not in ours and key.startswith("deltakv.runtime.")]
         path = old.path
     append_container(path, kvs, builder.tensors)
     return {"rows_added": sum(rows_added), "tokens_added": n_new_tokens}

