@@ -1,0 +1,201 @@
+"""The runtime shim against real llama.cpp: save, load in another process, extend, the prompt cache, crashes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from deltakv_format.errors import SessionMismatchError
+from deltakv_format.session import DkvSession
+
+from .llama_helpers import MODEL, TEXT, greedy, make_llama, needs_llama, prompt_tokens
+
+pytestmark = [needs_llama, pytest.mark.llama]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_py(code, *args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_save_in_one_process_load_and_continue_in_another(tmp_path):
+    path = tmp_path / "chat.dkv"
+    saved = run_py("""
+        import sys
+        from tests.llama_helpers import make_llama, prompt_tokens, greedy
+        from deltakv_runtime import save
+        llm = make_llama()
+        llm.eval(prompt_tokens(llm, 300))
+        save(llm, sys.argv[1], codec="raw")
+        print(" ".join(map(str, greedy(llm))))
+    """, path)
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    expected = [int(t) for t in saved.stdout.split()]
+    loaded = run_py("""
+        import sys
+        from tests.llama_helpers import make_llama, greedy
+        from deltakv_runtime import load
+        llm = make_llama()
+        n = load(llm, sys.argv[1])
+        assert n == 300, n
+        print(" ".join(map(str, greedy(llm))))
+    """, path)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert [int(t) for t in loaded.stdout.split()] == expected  # raw: bit-identical cache, same greedy tokens
+
+
+def test_default_codec_continues_close_to_the_original(tmp_path):
+    llm = make_llama()
+    llm.eval(prompt_tokens(llm, 400))
+    expected = greedy(llm, 24)
+    from deltakv_runtime import load, save
+
+    save(llm, tmp_path / "s.dkv")
+    llm2 = make_llama()
+    load(llm2, tmp_path / "s.dkv")
+    got = greedy(llm2, 24)
+    agreement = np.mean(np.array(got) == np.array(expected))
+    assert agreement >= 0.5, (got, expected)
+    assert os.path.getsize(tmp_path / "s.dkv") < 0.45 * 400 * 23040  # f16 K+V of 30 layers x 192 values
+
+
+def test_extend_twice_then_load(tmp_path):
+    from deltakv_runtime import extend, load, save
+
+    path = tmp_path / "s.dkv"
+    llm = make_llama()
+    toks = prompt_tokens(llm, 260)
+    llm.eval(toks[:100])
+    save(llm, path, codec="raw")
+    llm.eval(toks[100:170])
+    r1 = extend(llm, path)
+    llm.eval(toks[170:260])
+    r2 = extend(llm, path)
+    assert r1["tokens_added"] == 70 and r2["tokens_added"] == 90
+    expected = greedy(llm, 12)
+    with DkvSession(path) as s:
+        assert s.n_segments == 3 and np.array_equal(s.tokens(), toks)
+        assert s.file.verify() == []
+    llm2 = make_llama()
+    assert load(llm2, path) == 260
+    assert greedy(llm2, 12) == expected
+
+
+def test_extend_refuses_a_diverged_context(tmp_path):
+    from deltakv_runtime import extend, save
+
+    llm = make_llama()
+    toks = prompt_tokens(llm, 120)
+    llm.eval(toks[:60])
+    save(llm, tmp_path / "s.dkv")
+    llm.reset()
+    llm.eval(toks[1:90])
+    with pytest.raises(SessionMismatchError, match="not a prefix"):
+        extend(llm, tmp_path / "s.dkv")
+
+
+def test_load_mismatches_give_clear_errors_and_leave_the_context_usable(tmp_path):
+    from deltakv_runtime import load, save
+
+    llm = make_llama(n_ctx=1024)
+    llm.eval(prompt_tokens(llm, 300))
+    save(llm, tmp_path / "s.dkv")
+    small = make_llama(n_ctx=256)
+    small.eval(prompt_tokens(small, 10))
+    with pytest.raises(SessionMismatchError, match="n_ctx"):
+        load(small, tmp_path / "s.dkv")
+    assert small.n_tokens == 10
+    assert len(greedy(small, 3)) == 3  # still usable
+    import llama_cpp
+
+    other_type = make_llama(type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0)
+    with pytest.raises(SessionMismatchError, match="type_k"):
+        load(other_type, tmp_path / "s.dkv")
+
+
+def test_prompt_cache_survives_a_restart(tmp_path):
+    code = """
+        import sys, time
+        from tests.llama_helpers import make_llama, TEXT
+        from deltakv_runtime import DeltaKVCache
+        llm = make_llama()
+        llm.set_cache(DeltaKVCache(sys.argv[1], capacity_bytes=64 << 20))
+        out = llm.create_completion(TEXT[:1500], max_tokens=8, temperature=0)
+        print(repr(out["choices"][0]["text"]))
+    """
+    first = run_py(code, tmp_path / "cache")
+    assert first.returncode == 0, first.stderr[-2000:]
+    files = list((tmp_path / "cache").glob("*.dkv"))
+    assert len(files) == 1
+    second = run_py(code, tmp_path / "cache")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout == first.stdout
+
+
+def test_prompt_cache_evicts_least_recently_used(tmp_path):
+    from deltakv_runtime import DeltaKVCache
+
+    llm = make_llama()
+    cache = DeltaKVCache(tmp_path, capacity_bytes=1)  # keeps only the newest entry
+    for n in (50, 80, 120):
+        llm.reset()
+        llm.eval(prompt_tokens(llm, n))
+        cache[prompt_tokens(llm, n)] = llm.save_state()
+    assert len(list(tmp_path.glob("*.dkv"))) == 1
+    state = cache[prompt_tokens(llm, 130)]
+    assert state.n_tokens == 120
+    assert state.scores.shape[0] >= 1
+
+
+@pytest.mark.parametrize("operation", ["save", "extend"])
+def test_kill_during_write_leaves_old_or_new_snapshot(tmp_path, operation):
+    """SIGKILL a process that writes the same session over and over at many moments."""
+    path = tmp_path / "s.dkv"
+    writer = """
+        import sys
+        from tests.llama_helpers import make_llama, prompt_tokens
+        from deltakv_runtime import save, extend
+        path, op = sys.argv[1], sys.argv[2]
+        llm = make_llama()
+        toks = prompt_tokens(llm, 600)
+        llm.eval(toks[:200])
+        save(llm, path)
+        print("ready", flush=True)
+        n = 200
+        while True:
+            if op == "save":
+                save(llm, path)
+            else:
+                n = n + 20 if n < 580 else 200
+                if n == 200:
+                    llm.reset(); llm.eval(toks[:200]); save(llm, path)
+                else:
+                    llm.eval(toks[n - 20:n]); extend(llm, path)
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for attempt in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(writer), str(path), operation],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-2000:]
+        time.sleep(float(rng.uniform(0.05, 1.5)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with DkvSession(path) as s:  # opening recovers a committed journal or discards a torn one
+            assert s.file.verify() == [] or all("after the last tensor" in p for p in s.file.verify())
+            n = s.n_tokens
+            s.to_llama_state()
+        assert n % 20 == 0 and 200 <= n <= 600
+        seen.add(n)
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        for name in leftovers:  # a killed writer's temp file is never the session itself
+            (tmp_path / name).unlink()
