@@ -159,6 +159,13 @@ def _write_tensors(f, tensors: list[TensorData], infos: list[TensorInfo], data_s
     return crcs
 
 
+def _default_mode() -> int:
+    """rw for whom the umask allows: mkstemp's 0600 would make saved sessions private by accident."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path.parent, os.O_RDONLY)
@@ -187,6 +194,7 @@ def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progre
     data_start = len(provisional)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(provisional)
             crcs = _write_tensors(f, tensors, infos, data_start, progress)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .codecs import get_codec
 from .constants import FLOAT_TYPES, GGMLType, ggml_row_bytes
-from .container import DkvFile, _fsync_dir
+from .container import DkvFile, _default_mode, _fsync_dir
 from .errors import DeltaKVError
 from .session import DkvSession, write_session
 from .state_model import Framing, KVCacheSection, LlamaState, OpaqueSection
@@ -30,6 +30,7 @@ def atomic_write(path, chunks) -> int:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     written = 0
     try:
+        os.fchmod(fd, _default_mode())
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)

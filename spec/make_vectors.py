@@ -90,9 +90,36 @@ def make(name, codec_name, params, ggml_type, rows, cols, seed):
     }
 
 
+SESSION_SOURCE = "smollm2_v10_fa1.ggsn"  # a real llama.cpp session file from fixtures/
+
+
+def make_session_vector(force: bool) -> None:
+    """A whole .dkv (dkv-q4) of a real session file, and the SHA-256 of the state it restores to."""
+    import hashlib
+
+    from deltakv_format.operations import convert, restore
+
+    dkv = HERE / "smollm2_v10_fa1.dkv"
+    meta = HERE / "smollm2_v10_fa1.dkv.json"
+    if dkv.exists() and not force:
+        print(f"kept {dkv}")
+        return
+    source = Path(__file__).resolve().parent.parent / "fixtures" / SESSION_SOURCE
+    convert(source, dkv, codec="dkv-q4")
+    restored = HERE / "restored.tmp"
+    restore(dkv, restored)
+    digest = hashlib.sha256(restored.read_bytes()).hexdigest()
+    restored.unlink()
+    meta.write_text(json.dumps({"source_fixture": SESSION_SOURCE, "codec": "dkv-q4",
+                                "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                                "restored_sha256": digest}, indent=1) + "\n")
+    print(f"wrote {dkv}")
+
+
 def main() -> int:
     force = "--force" in sys.argv
     HERE.mkdir(exist_ok=True)
+    make_session_vector(force)
     names = []
     for seed, (name, codec_name, params, ggml_type, rows, cols) in enumerate(CASES):
         path = HERE / f"{name}.json"
