@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except DeltaKVError as e:
             _fail(str(e))
+        except BrokenPipeError:
+            # the reader went away (`deltakv inspect x | head`): stop quietly, as cat does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_OK)
         except (OSError, MemoryError) as e:
             _fail(f"{type(e).__name__}: {e}")
         except KeyboardInterrupt:
