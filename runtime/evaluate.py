@@ -56,6 +56,7 @@ class Measurement:
     ppl_ref: float
     ppl: float
     top1: float
+    continuation: int = 0  # tokens evaluated after the restore (KL and top-1 over all but the last)
 
 
 @dataclass
@@ -215,7 +216,8 @@ def run_eval(config: EvalConfig, log=print) -> list[Measurement]:
                                 f16.set_seq_state(restored_blob)
                                 test = f16.decode(tail, prefix, True)
                                 kl, ppl_ref, ppl, top1 = compare_logits(ref, test, next_tokens)
-                                results.append(Measurement(model_name, text_name, prefix, chunk, row, bits, ratio, kl, ppl_ref, ppl, top1))
+                                results.append(Measurement(model_name, text_name, prefix, chunk, row, bits, ratio, kl, ppl_ref, ppl, top1,
+                                                           len(tail)))
 
                             for label, codec_name, params in config.codec_rows:
                                 restored, bits, ratio = _through_codec(memoryview(blob), codec_name, params, tmp)
@@ -230,7 +232,7 @@ def run_eval(config: EvalConfig, log=print) -> list[Measurement]:
                                     kl, ppl_ref, ppl, top1 = compare_logits(ref, test, next_tokens)
                                     bits = 8.5 if "q8_0" in label else 4.5
                                     results.append(Measurement(model_name, text_name, prefix, chunk, label, bits, bits / 16,
-                                                               kl, ppl_ref, ppl, top1))
+                                                               kl, ppl_ref, ppl, top1, len(tail)))
                             log(f"{model_name} {text_name} prefix {prefix} chunk {chunk}: {time.time() - t0:.1f} s")
             finally:
                 f16.close()
@@ -253,8 +255,9 @@ def markdown_table(results: list[Measurement]) -> str:
         texts = sorted({r.text for r in rows})
         prefixes = sorted({r.prefix for r in rows})
         n_runs = len({(r.text, r.prefix, r.chunk) for r in rows})
-        lines.append(f"### {model}: {', '.join(texts)}; prefixes {', '.join(map(str, prefixes))}; "
-                     f"{n_runs} runs of {rows[0].prefix and len(rows) and ''}continuation tokens each")
+        lines.append(f"### {model}: texts {', '.join(texts)}; prefixes {', '.join(map(str, prefixes))}; "
+                     f"{n_runs} runs (text x prefix x chunk) of {rows[0].continuation} continuation tokens each; "
+                     "mean ± standard deviation over the runs")
         lines.append("")
         lines.append("| codec | bits/value | .dkv / f16 | KL vs f16 | PPL change | top-1 agreement |")
         lines.append("|---|---|---|---|---|---|")
@@ -282,6 +285,12 @@ def markdown_table(results: list[Measurement]) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def load_results(path: Path) -> list[Measurement]:
+    import json
+
+    return [Measurement(**r) for r in json.loads(Path(path).read_text())]
 
 
 def plot(results: list[Measurement], path: Path) -> None:
