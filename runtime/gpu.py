@@ -1,0 +1,421 @@
+"""GPU encode and decode of the Delta-KV codecs: a ctypes binding to runtime/kernels/deltakv_kernels.cu.
+
+The kernel library is built from the one CUDA/HIP source with :func:`build_library` (nvcc, or hipcc
+for AMD) into ``runtime/build/`` (git-ignored) the first time it is needed; ``runtime/kernels/build.sh``
+does the same from a shell. :func:`is_available` says whether a GPU and the library are usable.
+
+:func:`decode` and :func:`encode` take and return numpy arrays (host memory) with the signatures and
+results of the codec classes (``Codec.decode`` / ``Codec.encode`` in deltakv_format/codecs): the
+same bytes as the Numba reference, bit for bit. :class:`Kernels` exposes the C ABI on device pointers
+(see deltakv_kernels.h) for callers that keep data on the GPU.
+
+Backends (``DELTAKV_GPU_BACKEND``): ``cuda`` (default when nvcc is found), ``hip``, or ``emulator``:
+the same kernels compiled for the CPU by a C++ compiler with a small warp emulator, to test the
+kernel logic on machines without a GPU (slow; small inputs only). The emulator is never chosen
+unless asked for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from deltakv_format.codecs import (
+    BITS_DTYPE,
+    KIND_OF_TYPE,
+    DeltaQ4_0Codec,
+    F16Codec,
+    Q4_0Codec,
+    Q8_0Codec,
+    RawCodec,
+    _check_finite,
+    get_codec,
+)
+from deltakv_format.constants import GGMLType
+from deltakv_format.errors import CodecError
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+BUILD_DIR = Path(__file__).resolve().parent / "build"
+SOURCE = KERNEL_DIR / "deltakv_kernels.cu"
+HEADERS = [KERNEL_DIR / "deltakv_kernels.h", KERNEL_DIR / "deltakv_gpu_compat.h", KERNEL_DIR / "deltakv_emu.h"]
+
+CUDA_ARCHS = ("80", "90")
+HIP_ARCHS = ("gfx906", "gfx90a", "gfx942")
+
+# Flags that the bit-exact arithmetic needs: no contraction into FMA, no flush-to-zero, IEEE division.
+NVCC_FLAGS = ["-std=c++17", "-O3", "-fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
+# -fno-slp-vectorize: clang 15 (ROCm 5.2) spends hours on gfx90a SLP-vectorising the in-register butterflies.
+HIPCC_FLAGS = ["-std=c++17", "-O3", "-ffp-contract=off", "-fno-gpu-flush-denormals-to-zero", "-fno-slp-vectorize"]
+EMU_FLAGS = ["-std=c++17", "-O2", "-DDKV_EMU", "-ffp-contract=off", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
+
+DKV_OK = 0
+_ERRORS = {1: "invalid argument", 2: "misaligned pointer", 3: "kernel launch failed", 4: "runtime error", 5: "no device"}
+
+
+class GPUError(RuntimeError):
+    """A kernel or runtime call failed; the message is the library's (dkv_last_error)."""
+
+
+# ---- building -----------------------------------------------------------------------------------
+
+
+def default_backend() -> str:
+    env = os.environ.get("DELTAKV_GPU_BACKEND")
+    if env:
+        if env not in ("cuda", "hip", "emulator"):
+            raise GPUError(f"DELTAKV_GPU_BACKEND must be cuda, hip or emulator, found {env!r}")
+        return env
+    if shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists():
+        return "cuda"
+    if shutil.which("hipcc"):
+        return "hip"
+    return "cuda"
+
+
+def _nvcc() -> str:
+    return shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+
+
+def compile_command(backend: str, output: Path, archs=None, shared: bool = True, defines=()) -> list[str]:
+    """The compiler command line for one backend (used by build_library and the compile tests).
+
+    ``defines``: extra preprocessor definitions (tuning experiments), e.g. ``("DKV_DECODE_MIN_BLOCKS(v)=4",)``.
+    """
+    cmd = _compile_command(backend, output, archs, shared)
+    return [*cmd[:1], *(f"-D{d}" for d in defines), *cmd[1:]]
+
+
+def _compile_command(backend: str, output: Path, archs, shared: bool) -> list[str]:
+    if backend == "cuda":
+        cmd = [_nvcc(), *NVCC_FLAGS]
+        for a in archs or CUDA_ARCHS:
+            cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        last = (archs or CUDA_ARCHS)[-1]
+        cmd += ["-gencode", f"arch=compute_{last},code=compute_{last}"]  # PTX for newer GPUs
+        cmd += ["-Xcompiler", "-fPIC", "-shared"] if shared else ["-c"]
+    elif backend == "hip":
+        cmd = [shutil.which("hipcc") or "hipcc", *HIPCC_FLAGS]
+        cmd += [f"--offload-arch={a}" for a in archs or HIP_ARCHS]
+        cmd += ["-fPIC", "-shared"] if shared else ["-c"]
+    elif backend == "emulator":
+        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+        cmd = [cxx, *EMU_FLAGS, "-fPIC", "-shared", "-x", "c++"] if shared else [cxx, *EMU_FLAGS, "-c", "-x", "c++"]
+    else:
+        raise GPUError(f"unknown backend {backend!r}")
+    return [*cmd, "-o", str(output), str(SOURCE)]
+
+
+def library_path(backend: str | None = None, tag: str = "") -> Path:
+    return BUILD_DIR / f"libdeltakv_kernels_{backend or default_backend()}{tag}.so"
+
+
+def build_library(backend: str | None = None, force: bool = False, archs=None, verbose: bool = False,
+                  defines=(), tag: str = "") -> Path:
+    """Compile the kernel library for ``backend`` into runtime/build/ (skipped when up to date).
+
+    ``defines`` and ``tag`` build a variant (extra -D flags) under its own file name, for experiments.
+    """
+    backend = backend or default_backend()
+    out = library_path(backend, tag)
+    newest = max(p.stat().st_mtime for p in [SOURCE, *HEADERS] if p.exists())
+    if out.exists() and not force and out.stat().st_mtime >= newest:
+        return out
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=BUILD_DIR)
+    os.close(fd)
+    cmd = compile_command(backend, Path(tmp), archs, defines=defines)
+    if verbose:
+        print(" ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=KERNEL_DIR)
+    except FileNotFoundError as e:
+        os.unlink(tmp)
+        raise GPUError(f"cannot build the {backend} kernels: {cmd[0]} not found") from e
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise GPUError(f"building the {backend} kernels failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    os.replace(tmp, out)  # atomic: concurrent builders never see a half-written library
+    return out
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+_P, _I, _I64, _U64, _F, _SZ = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_size_t
+_SIGNATURES = {
+    "dkv_abi_version": ([], _I),
+    "dkv_last_error": ([], ctypes.c_char_p),
+    "dkv_backend": ([], ctypes.c_char_p),
+    "dkv_device_count": ([ctypes.POINTER(_I)], _I),
+    "dkv_device_name": ([_I, ctypes.c_char_p, _SZ], _I),
+    "dkv_set_option": ([ctypes.c_char_p, _I64], _I),
+    "dkv_malloc": ([ctypes.POINTER(_P), _SZ], _I),
+    "dkv_free": ([_P], _I),
+    "dkv_memcpy_h2d": ([_P, _P, _SZ], _I),
+    "dkv_memcpy_d2h": ([_P, _P, _SZ], _I),
+    "dkv_memcpy_d2d": ([_P, _P, _SZ, _P], _I),
+    "dkv_memset": ([_P, _I, _SZ, _P], _I),
+    "dkv_synchronize": ([_P], _I),
+    "dkv_mem_info": ([ctypes.POINTER(_SZ), ctypes.POINTER(_SZ)], _I),
+    "dkv_event_create": ([ctypes.POINTER(_P)], _I),
+    "dkv_event_destroy": ([_P], _I),
+    "dkv_event_record": ([_P, _P], _I),
+    "dkv_event_elapsed_ms": ([_P, _P, ctypes.POINTER(_F)], _I),
+    "dkv_fill_random": ([_P, _I, _I64, _I64, _U64, _F, _P], _I),
+    "dkv_find_nonfinite": ([_P, _I, _I64, ctypes.POINTER(_I64)], _I),
+    "dkv_decode_f16": ([_P, _I64, _I64, _I, _P, _P], _I),
+    "dkv_decode_q8_0": ([_P, _I64, _I64, _I, _P, _P], _I),
+    "dkv_decode_q4_0": ([_P, _I64, _I64, _I, _P, _P], _I),
+    "dkv_decode_delta": ([_P, _P, _P, _I, _I64, _I64, _I64, _I, _I, _I64, _I64, _P, _P], _I),
+    "dkv_encode_f16": ([_P, _I, _I64, _I64, _P, _P], _I),
+    "dkv_encode_q8_0": ([_P, _I, _I64, _I64, _P, _P], _I),
+    "dkv_encode_q4_0": ([_P, _I, _I64, _I64, _P, _P], _I),
+    "dkv_encode_delta": ([_P, _I, _I64, _I64, _I64, _I, _I, _I, _P, _P, _P, _P], _I),
+}
+
+
+class Kernels:
+    """The C ABI of one loaded library; every method raises GPUError on a nonzero return code."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.lib = ctypes.CDLL(str(self.path))
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(self.lib, name)
+            fn.argtypes = args
+            fn.restype = res
+        self.backend = self.lib.dkv_backend().decode()
+
+    def __getattr__(self, name):
+        fn = getattr(self.lib, "dkv_" + name)
+
+        def call(*args):
+            rc = fn(*args)
+            if rc != DKV_OK:
+                msg = self.lib.dkv_last_error().decode(errors="replace")
+                raise GPUError(f"dkv_{name}: {_ERRORS.get(rc, rc)}: {msg}")
+            return rc
+
+        return call
+
+    # conveniences
+    def malloc(self, nbytes: int) -> int:
+        p = ctypes.c_void_p()
+        self.__getattr__("malloc")(ctypes.byref(p), max(int(nbytes), 1))
+        return p.value
+
+    def device_count(self) -> int:
+        n = ctypes.c_int(0)
+        rc = self.lib.dkv_device_count(ctypes.byref(n))
+        return n.value if rc == DKV_OK else 0
+
+    def device_name(self, device: int = 0) -> str:
+        buf = ctypes.create_string_buffer(256)
+        self.__getattr__("device_name")(device, buf, 256)
+        return buf.value.decode(errors="replace")
+
+    def elapsed_ms(self, start, stop) -> float:
+        ms = ctypes.c_float()
+        self.__getattr__("event_elapsed_ms")(start, stop, ctypes.byref(ms))
+        return ms.value
+
+
+_lock = threading.Lock()
+_loaded: dict[str, Kernels] = {}
+_unavailable: dict[str, str] = {}
+
+
+def load(backend: str | None = None, build: bool = True) -> Kernels:
+    """The kernel library for ``backend`` (built first when needed and ``build``)."""
+    backend = backend or default_backend()
+    with _lock:
+        if backend in _loaded:
+            return _loaded[backend]
+        path = build_library(backend) if build else library_path(backend)
+        if not path.exists():
+            raise GPUError(f"kernel library {path} is not built (run runtime/kernels/build.sh)")
+        k = Kernels(path)
+        _loaded[backend] = k
+        return k
+
+
+def _probe_cuda_device() -> str | None:
+    """Ask the CUDA runtime for a device before spending minutes on a build (None: can't tell or yes)."""
+    for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "/usr/local/cuda/lib64/libcudart.so"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    n = ctypes.c_int(0)
+    rc = lib.cudaGetDeviceCount(ctypes.byref(n))
+    if rc != 0 or n.value < 1:
+        lib.cudaGetErrorString.restype = ctypes.c_char_p
+        msg = lib.cudaGetErrorString(rc).decode(errors="replace") if rc else "0 devices"
+        return f"no CUDA GPU here (cudaGetDeviceCount: {msg})"
+    return None
+
+
+def unavailable_reason(backend: str | None = None) -> str | None:
+    """None when a GPU (or the emulator, if chosen) can run the kernels, else why not."""
+    backend = backend or default_backend()
+    if backend in _unavailable:
+        return _unavailable[backend]
+    reason = _probe_cuda_device() if backend == "cuda" else None
+    if reason is None:
+        try:
+            k = load(backend)
+            if k.device_count() < 1:
+                reason = f"no GPU visible to the {backend} runtime: {k.lib.dkv_last_error().decode(errors='replace')}"
+        except (GPUError, OSError) as e:
+            reason = str(e)
+    _unavailable[backend] = reason
+    return reason
+
+
+def is_available(backend: str | None = None) -> bool:
+    """True when the kernels can run here (library builds and loads, and a GPU is visible)."""
+    return unavailable_reason(backend) is None
+
+
+# ---- host-array front end -----------------------------------------------------------------------
+
+
+class _Device:
+    """Device allocations of one call, freed on exit."""
+
+    def __init__(self, k: Kernels):
+        self.k = k
+        self.ptrs: list[int] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.ptrs:
+            try:
+                self.k.free(p)
+            except GPUError:
+                pass
+
+    def alloc(self, nbytes: int) -> int:
+        p = self.k.malloc(nbytes)
+        self.ptrs.append(p)
+        return p
+
+    def put(self, array: np.ndarray | None) -> int | None:
+        if array is None:
+            return None
+        a = np.ascontiguousarray(array)
+        p = self.alloc(a.nbytes)
+        if a.nbytes:
+            self.k.memcpy_h2d(p, a.ctypes.data, a.nbytes)
+        return p
+
+    def get(self, ptr: int, shape, dtype) -> np.ndarray:
+        out = np.empty(shape, dtype)
+        if out.nbytes:
+            self.k.synchronize(None)
+            self.k.memcpy_d2h(out.ctypes.data, ptr, out.nbytes)
+        return out
+
+
+def _kind(ggml_type: int) -> int:
+    try:
+        return KIND_OF_TYPE[GGMLType(ggml_type)]
+    except (ValueError, KeyError):
+        raise CodecError(f"the GPU codecs take F16, BF16 or F32 tracks, found ggml type {ggml_type}") from None
+
+
+def _codec(codec_name: str, keyframe_interval, rotation):
+    return get_codec(codec_name, keyframe_interval=keyframe_interval, rotation=rotation)
+
+
+def decode(codec_name: str, parts: dict, ggml_type: int, n_values: int, row_lo: int, row_hi: int,
+           keyframe_interval: int | None = None, rotation: int | None = None, *, backend: str | None = None) -> np.ndarray:
+    """Rows [row_lo, row_hi) of one segment, decoded on the GPU: ``Codec.decode`` bit for bit.
+
+    ``parts`` are the segment's parts as host arrays (``Codec.encode``'s output); the result is a
+    (row_hi - row_lo) x n_values array of element bits (uint16 for F16/BF16, uint32 for F32).
+    """
+    codec = _codec(codec_name, keyframe_interval, rotation)
+    if isinstance(codec, RawCodec):
+        return codec.decode(parts, ggml_type, n_values, row_lo, row_hi)
+    if not codec.accepts(ggml_type, n_values):
+        raise CodecError(f"codec {codec.name} cannot decode a {GGMLType(ggml_type).name} track of {n_values} values")
+    kind = _kind(ggml_type)
+    n_rows = codec.rows_of_parts(parts)
+    if not 0 <= row_lo <= row_hi <= n_rows:
+        raise CodecError(f"rows [{row_lo}, {row_hi}) are outside the segment's {n_rows} rows")
+    n_out = row_hi - row_lo
+    dtype = BITS_DTYPE[GGMLType(ggml_type)]
+    if n_out == 0:
+        return np.empty((0, n_values), dtype)
+    k = load(backend)
+    with _Device(k) as dev:
+        out = dev.alloc(n_out * n_values * np.dtype(dtype).itemsize)
+        if isinstance(codec, DeltaQ4_0Codec):
+            keys = np.ascontiguousarray(parts["key"])
+            if keys.dtype != dtype or keys.shape[1:] != (n_values,):
+                raise CodecError(f"key part must be rows x {n_values} {np.dtype(dtype)}, found {keys.shape} {keys.dtype}")
+            q4 = np.ascontiguousarray(parts["q4"], dtype=np.uint8)
+            modes = parts.get("mode") if codec.adaptive else None
+            k.decode_delta(dev.put(keys), dev.put(q4), dev.put(modes), int(codec.adaptive), n_rows, n_values,
+                           codec.keyframe_interval, codec.rotation, kind, row_lo, row_hi, out, None)
+        else:
+            data = np.ascontiguousarray(parts["data"][row_lo:row_hi])
+            fn = {F16Codec: k.decode_f16, Q8_0Codec: k.decode_q8_0, Q4_0Codec: k.decode_q4_0}[type(codec)]
+            fn(dev.put(data), n_out, n_values, kind, out, None)
+        return dev.get(out, (n_out, n_values), dtype)
+
+
+def encode(codec_name: str, rows: np.ndarray, ggml_type: int, keyframe_interval: int | None = None,
+           rotation: int | None = None, *, where: str = "track", backend: str | None = None) -> dict[str, np.ndarray]:
+    """Encode one segment's rows (element bits) on the GPU: ``Codec.encode`` bit for bit."""
+    codec = _codec(codec_name, keyframe_interval, rotation)
+    if isinstance(codec, RawCodec):
+        return codec.encode(rows, ggml_type, where)
+    rows = np.ascontiguousarray(rows)
+    n_rows, n_values = rows.shape
+    if not codec.accepts(ggml_type, n_values):
+        raise CodecError(f"codec {codec.name} cannot encode a {GGMLType(ggml_type).name} track of {n_values} values")
+    kind = _kind(ggml_type)
+    if rows.dtype != BITS_DTYPE[GGMLType(ggml_type)]:
+        raise CodecError(f"rows must be {np.dtype(BITS_DTYPE[GGMLType(ggml_type)])} bit patterns, found {rows.dtype}")
+    if isinstance(codec, F16Codec) and ggml_type == GGMLType.F16:
+        return {"data": rows.copy()}
+    _check_finite(rows, ggml_type, where)
+    nb = n_values // 32
+    k = load(backend)
+    with _Device(k) as dev:
+        src = dev.put(rows)
+        if isinstance(codec, DeltaQ4_0Codec):
+            n_keys = -(-n_rows // codec.keyframe_interval) if n_rows else 0
+            n_delta = n_rows - n_keys
+            n_mode_rows = n_delta if codec.adaptive else 0
+            keys = dev.alloc(n_keys * n_values * rows.itemsize)
+            q4 = dev.alloc(n_delta * nb * 18)
+            modes = dev.alloc(n_mode_rows * ((nb + 7) // 8))
+            k.encode_delta(src, kind, n_rows, n_values, codec.keyframe_interval, codec.rotation, int(codec.adaptive),
+                           int(codec.search), keys, q4, modes if codec.adaptive else None, None)
+            out = {"key": dev.get(keys, (n_keys, n_values), rows.dtype), "q4": dev.get(q4, (n_delta, nb * 18), np.uint8)}
+            if codec.adaptive:
+                out["mode"] = dev.get(modes, (n_mode_rows, (nb + 7) // 8), np.uint8)
+            return out
+        if isinstance(codec, F16Codec):
+            data = dev.alloc(n_rows * n_values * 2)
+            k.encode_f16(src, kind, n_rows, n_values, data, None)
+            return {"data": dev.get(data, (n_rows, n_values), np.uint16)}
+        block_bytes = 34 if isinstance(codec, Q8_0Codec) else 18
+        data = dev.alloc(n_rows * nb * block_bytes)
+        fn = k.encode_q8_0 if isinstance(codec, Q8_0Codec) else k.encode_q4_0
+        fn(src, kind, n_rows, n_values, data, None)
+        return {"data": dev.get(data, (n_rows, nb * block_bytes), np.uint8)}

@@ -1,0 +1,332 @@
+"""GPU kernels (runtime/kernels) against the Numba reference codecs: bit for bit, encode and decode.
+
+Marked ``gpu``: skipped with the reason when no GPU (or no nvcc) is here. With
+``DELTAKV_GPU_BACKEND=emulator`` the same tests run the same kernel source compiled for the CPU with a
+warp emulator (small sizes), which checks the kernel logic on machines without a GPU.
+
+Known, documented deviation: NaN payloads. A GPU's arithmetic returns its canonical NaN where x86
+propagates the operand's payload and sign, so when a (hostile) stream makes NaN values, the f32
+outputs differ in the NaN bits and f16/bf16 outputs may differ in the NaN's sign; the positions of
+NaNs agree. Encoders never produce such streams (they reject non-finite input).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deltakv_format import reference
+from deltakv_format.codecs import BITS_DTYPE, Codec, get_codec
+from deltakv_format.constants import GGMLType
+
+pytestmark = pytest.mark.gpu
+
+gpu = pytest.importorskip("deltakv_runtime.gpu", reason="deltakv_runtime is not importable")
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = ROOT / "spec" / "vectors"
+FIXTURES = ROOT / "fixtures"
+
+_REASON = gpu.unavailable_reason()
+if _REASON is not None:
+    pytest.skip(f"GPU kernels cannot run here: {_REASON}", allow_module_level=True)
+
+BACKEND = gpu.default_backend()
+EMULATED = BACKEND == "emulator"
+KERNELS = gpu.load()
+
+FLOATS = [GGMLType.F16, GGMLType.BF16, GGMLType.F32]
+F16, BF16, F32 = GGMLType.F16, GGMLType.BF16, GGMLType.F32
+
+# (codec, keyframe_interval, rotation)
+CODECS = [
+    ("f16", None, None),
+    ("q8_0", None, None),
+    ("q4_0", None, None),
+    ("delta-q4_0", 32, 0),
+    ("delta-q4_0", 7, 64),
+    ("dkv-q4", 32, 64),
+    ("dkv-q4", 16, 16),
+    ("dkv-q4", 5, 256),
+    ("dkv-q4", 1, 64),
+    ("dkv-q4", 9, 0),
+]
+
+
+@pytest.fixture(params=[8, 16], ids=["vpl8", "vpl16"])
+def vpl(request):
+    """Both decoder layouts (values per thread) must give the same bytes."""
+    KERNELS.set_option(b"decode_vpl", request.param)
+    yield request.param
+    KERNELS.set_option(b"decode_vpl", 8)
+
+
+def codec_of(name, interval, rotation) -> Codec:
+    return get_codec(name, keyframe_interval=interval, rotation=rotation)
+
+
+def as_bits(values: np.ndarray, ggml_type) -> np.ndarray:
+    values = np.asarray(values, np.float32)
+    if ggml_type == F16:
+        return values.astype(np.float16).view(np.uint16)
+    if ggml_type == BF16:
+        return (values.view(np.uint32) >> 16).astype(np.uint16)
+    return values.view(np.uint32).copy()
+
+
+def kv_like(rng, n_rows, n_values, ggml_type, edge=False):
+    """K/V-like rows: per-channel offsets and outlier channels, a random walk over tokens, noise."""
+    base = rng.standard_normal(n_values).astype(np.float32) * 2
+    base[rng.random(n_values) < 0.05] *= 20
+    walk = np.cumsum(rng.standard_normal((n_rows, n_values)).astype(np.float32) * 0.2, axis=0)
+    v = (base + walk + rng.standard_normal((n_rows, n_values)).astype(np.float32) * 0.3).astype(np.float32)
+    if edge and n_rows > 4:
+        v[1] = 0.0  # all-zero rows: amax == 0 paths
+        v[2, : n_values // 2] = v[1, : n_values // 2]  # repeated row halves: zero residuals
+        v[3] = rng.choice([6e-8, -6e-8, 1e-5, 60000.0, -60000.0, 65504.0, 0.0], n_values).astype(np.float32)
+        v[4] = v[3] * np.float32(-1)
+        if ggml_type == F32:
+            v[min(5, n_rows - 1)] = rng.standard_normal(n_values).astype(np.float32) * 1e-30  # f32 subnormal range
+    return as_bits(v, ggml_type)
+
+
+def assert_parts_equal(got: dict, want: dict):
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for role in want:
+        g, w = np.ascontiguousarray(got[role]), np.ascontiguousarray(want[role])
+        assert g.shape == w.shape and g.dtype == w.dtype, (role, g.shape, w.shape, g.dtype, w.dtype)
+        if not np.array_equal(g, w):
+            diff = np.argwhere(g != w)
+            pytest.fail(f"part {role}: {len(diff)} of {g.size} elements differ, first at {diff[:4].tolist()}")
+
+
+def assert_bits_equal(got: np.ndarray, want: np.ndarray):
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
+    if not np.array_equal(got, want):
+        diff = np.argwhere(got != want)
+        r, c = diff[0]
+        pytest.fail(f"{len(diff)} of {got.size} values differ; first at row {r}, value {c}: "
+                    f"gpu 0x{int(got[r, c]):x}, reference 0x{int(want[r, c]):x}")
+
+
+def check_codec(name, interval, rotation, rows, ggml_type, ranges=()):
+    codec = codec_of(name, interval, rotation)
+    n_rows, n_values = rows.shape
+    want = codec.encode(rows, ggml_type)
+    got = gpu.encode(name, rows, ggml_type, interval, rotation)
+    assert_parts_equal(got, want)
+    for lo, hi in [(0, n_rows), *ranges]:
+        ref = codec.decode(want, ggml_type, n_values, lo, hi)
+        out = gpu.decode(name, want, ggml_type, n_values, lo, hi, interval, rotation)
+        assert_bits_equal(out, ref)
+
+
+# ---- golden vectors -------------------------------------------------------------------------
+
+
+def _vector_names():
+    manifest = VECTORS / "MANIFEST"
+    if manifest.exists():
+        return manifest.read_text().split()
+    return sorted(p.name for p in VECTORS.glob("*.json"))
+
+
+def _load_vector(name):
+    v = json.loads((VECTORS / name).read_text())
+    bits = {"F16": np.uint16, "BF16": np.uint16, "F32": np.uint32}
+    ggml_type = GGMLType[v["source_type"]]
+    rows = np.frombuffer(bytes.fromhex(v["input_hex"]), bits[v["source_type"]]).reshape(v["rows"], v["values_per_row"])
+    parts = {}
+    for role, p in v["parts"].items():
+        raw = np.frombuffer(bytes.fromhex(p["hex"]), bits.get(p["ggml_type"], np.uint8))
+        parts[role] = raw.reshape(p["rows"], -1) if p["rows"] else raw.reshape(0, 1)
+    decoded = np.frombuffer(bytes.fromhex(v["decoded_hex"]), bits[v["source_type"]]).reshape(v["rows"], -1)
+    return v, ggml_type, rows, parts, decoded
+
+
+@pytest.mark.parametrize("name", _vector_names() or ["(no vectors)"])
+def test_golden_vector(name, vpl):
+    if not (VECTORS / name).exists():
+        pytest.skip("spec/vectors holds no vectors")
+    v, ggml_type, rows, parts, decoded = _load_vector(name)
+    cfg = v["codec"]
+    if cfg["codec"] == "raw":
+        pytest.skip("raw is a byte copy; no kernel")
+    interval, rotation = cfg.get("keyframe_interval"), cfg.get("rotation")
+    got = gpu.encode(cfg["codec"], rows, ggml_type, interval, rotation)
+    assert_parts_equal({k: np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1) for k, a in got.items()},
+                       {k: a.view(np.uint8).reshape(a.shape[0], -1) for k, a in parts.items()})
+    n = v["rows"]
+    for lo, hi in [(0, n), (0, 1), (1, n), (n // 2, n), (n - 1, n)]:
+        out = gpu.decode(cfg["codec"], parts, ggml_type, v["values_per_row"], lo, hi, interval, rotation)
+        assert out.tobytes() == decoded[lo:hi].tobytes(), (lo, hi)
+
+
+# ---- random data ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ggml_type", FLOATS, ids=lambda t: GGMLType(t).name)
+@pytest.mark.parametrize("name,interval,rotation", CODECS, ids=lambda x: str(x))
+def test_random_parity(name, interval, rotation, ggml_type, vpl):
+    rng = np.random.default_rng(hash((name, interval, rotation, int(ggml_type))) % 2**32)
+    n_values = 256 if rotation == 256 else 192  # 192: SmolLM2's 3 KV heads x 64, not a multiple of 256
+    n_rows = 41 if EMULATED else 301
+    rows = kv_like(rng, n_rows, n_values, ggml_type, edge=True)
+    check_codec(name, interval, rotation, rows, ggml_type, ranges=[(0, 1), (3, 17), (n_rows - 5, n_rows), (13, 14)])
+
+
+SHAPES = [(1, 32), (2, 64), (33, 96), (64, 128), (70, 512), (129, 1024)]
+
+
+@pytest.mark.parametrize("n_rows,n_values", SHAPES, ids=lambda x: str(x))
+@pytest.mark.parametrize("name,interval,rotation", [
+    ("delta-q4_0", 4, 0), ("delta-q4_0", 32, 16), ("dkv-q4", 32, 64), ("dkv-q4", 3, 16), ("dkv-q4", 64, 0),
+    ("dkv-q4", 8, 256), ("q4_0", None, None), ("q8_0", None, None), ("f16", None, None)])
+def test_shapes(name, interval, rotation, n_rows, n_values, vpl):
+    if rotation and n_values % rotation:
+        pytest.skip("rotation does not divide the row")
+    if EMULATED and n_rows * n_values > 40000:
+        pytest.skip("too large for the emulator")
+    rng = np.random.default_rng(n_rows * 7919 + n_values)
+    for ggml_type in (F16, F32):
+        rows = kv_like(rng, n_rows, n_values, ggml_type)
+        lo = int(rng.integers(0, n_rows))
+        hi = int(rng.integers(lo, n_rows + 1))
+        check_codec(name, interval, rotation, rows, ggml_type, ranges=[(lo, hi)])
+
+
+@pytest.mark.skipif(EMULATED, reason="large problem: real GPU only")
+@pytest.mark.parametrize("name,interval,rotation", [("dkv-q4", 32, 64), ("delta-q4_0", 32, 0), ("dkv-q4", 128, 256)])
+def test_large_multi_block_grids(name, interval, rotation, vpl):
+    """Many thread blocks and chunks (one layer of a 4k-token 8B-model cache, K)."""
+    rng = np.random.default_rng(123)
+    rows = kv_like(rng, 4096 + 17, 1024, F16)
+    check_codec(name, interval, rotation, rows, F16, ranges=[(1000, 3001), (4096, 4113)])
+
+
+def test_matches_numpy_reference_decoder(vpl):
+    """The independent numpy decoder (reference.py) agrees too."""
+    rng = np.random.default_rng(5)
+    for name, interval, rotation in [("delta-q4_0", 8, 0), ("dkv-q4", 8, 64), ("q4_0", None, None), ("q8_0", None, None)]:
+        for ggml_type in FLOATS:
+            rows = kv_like(rng, 37, 128, ggml_type)
+            parts = codec_of(name, interval, rotation).encode(rows, ggml_type)
+            ref = reference.decode_parts(name, parts, ggml_type, interval or 1, rotation or 0)
+            out = gpu.decode(name, parts, ggml_type, 128, 0, 37, interval, rotation)
+            assert_bits_equal(out, np.ascontiguousarray(ref))
+
+
+# ---- hostile streams: any bytes decode like the reference (NaN payloads aside) -------------------
+
+
+def _nan_mask(bits, ggml_type):
+    if ggml_type == F32:
+        return np.isnan(bits.view(np.float32))
+    if ggml_type == F16:
+        return ((bits & 0x7C00) == 0x7C00) & ((bits & 0x03FF) != 0)
+    return ((bits & 0x7F80) == 0x7F80) & ((bits & 0x007F) != 0)
+
+
+@pytest.mark.parametrize("ggml_type", FLOATS, ids=lambda t: GGMLType(t).name)
+@pytest.mark.parametrize("name,interval,rotation", [("q4_0", None, None), ("q8_0", None, None), ("f16", None, None),
+                                                     ("delta-q4_0", 8, 0), ("dkv-q4", 8, 64), ("dkv-q4", 5, 16)])
+def test_random_bytes_decode(name, interval, rotation, ggml_type, vpl):
+    rng = np.random.default_rng(99)
+    n_rows, n_values = 23, 128
+    codec = codec_of(name, interval, rotation)
+    template = codec.encode(kv_like(rng, n_rows, n_values, ggml_type), ggml_type)
+    parts = {}
+    for role, a in template.items():
+        raw = rng.integers(0, 256, a.view(np.uint8).size, dtype=np.uint8)  # any scale: huge, inf, NaN
+        parts[role] = raw.view(a.dtype).reshape(a.shape)
+    ref = codec.decode(parts, ggml_type, n_values, 0, n_rows)
+    out = gpu.decode(name, parts, ggml_type, n_values, 0, n_rows, interval, rotation)
+    nan_ref, nan_out = _nan_mask(ref, ggml_type), _nan_mask(out, ggml_type)
+    assert np.array_equal(nan_ref, nan_out), "NaN positions differ"
+    assert_bits_equal(np.where(nan_ref, 0, out).astype(out.dtype), np.where(nan_ref, 0, ref).astype(ref.dtype))
+
+
+# ---- real K/V from the fixtures ---------------------------------------------------------------
+
+
+def _fixture_tracks():
+    try:
+        from deltakv_format.llama_state import parse_state
+    except Exception as e:  # noqa: BLE001 - the parser is another module's business
+        return [], f"deltakv_format.llama_state is not importable: {e}"
+    files = sorted(p for p in FIXTURES.glob("*") if p.suffix in (".bin", ".state", ".seqstate", ".ggsn", ".ggsq"))
+    if not files:
+        return [], "no llama.cpp state fixtures in fixtures/"
+    tracks = []
+    for path in files:
+        try:
+            state = parse_state(path.read_bytes())
+        except Exception:  # noqa: BLE001
+            continue
+        for si, sec in enumerate(state.kv_sections):
+            for st in sec.streams:
+                for role, tensors in (("k", st.k), ("v", st.v)):
+                    for li, t in enumerate(tensors):
+                        if t.is_float and t.cell_count > 0 and t.n_values % 32 == 0:
+                            tracks.append((f"{path.name}:{si}:{role}{li}", t.ggml_type, np.ascontiguousarray(t.rows())))
+    if not tracks:
+        return [], "no float K/V tensors in the fixtures"
+    return tracks, None
+
+
+@pytest.mark.parametrize("name,interval,rotation", [("f16", None, None), ("q8_0", None, None), ("q4_0", None, None),
+                                                     ("delta-q4_0", 8, 0), ("dkv-q4", 32, 64), ("dkv-q4", 4, 16)])
+def test_real_kv_fixtures(name, interval, rotation, vpl):
+    tracks, reason = _fixture_tracks()
+    if not tracks:
+        pytest.skip(reason)
+    checked = 0
+    for label, ggml_type, rows in tracks[: (6 if EMULATED else None)]:
+        codec = codec_of(name, interval, rotation)
+        if not codec.accepts(ggml_type, rows.shape[1]):
+            continue
+        try:
+            check_codec(name, interval, rotation, rows, ggml_type, ranges=[(1, rows.shape[0])])
+        except AssertionError as e:
+            raise AssertionError(f"{label}: {e}") from e
+        checked += 1
+    assert checked > 0
+
+
+# ---- ABI behaviour ------------------------------------------------------------------------------
+
+
+def test_errors_are_reported_not_aborted():
+    k = KERNELS
+    with pytest.raises(gpu.GPUError, match="multiple of 32"):
+        k.decode_q4_0(None, 1, 33, 0, None, None)
+    with pytest.raises(gpu.GPUError, match="rotation"):
+        k.decode_delta(None, None, None, 0, 4, 64, 2, 48, 0, 0, 4, None, None)
+    with pytest.raises(gpu.GPUError, match="row_lo"):
+        k.decode_delta(None, None, None, 0, 4, 64, 2, 0, 0, 3, 2, None, None)
+    p = k.malloc(1024)
+    try:
+        with pytest.raises(gpu.GPUError, match="aligned"):
+            k.decode_q4_0(p, 1, 32, 0, p + 2, None)
+    finally:
+        k.free(p)
+
+
+def test_find_nonfinite():
+    import ctypes
+
+    rows = kv_like(np.random.default_rng(1), 8, 64, F16)
+    rows[5, 7] = 0x7C00
+    k = KERNELS
+    p = k.malloc(rows.nbytes)
+    try:
+        k.memcpy_h2d(p, rows.ctypes.data, rows.nbytes)
+        first = ctypes.c_int64()
+        k.find_nonfinite(p, 0, rows.size, ctypes.byref(first))
+        assert first.value == 5 * 64 + 7
+    finally:
+        k.free(p)
