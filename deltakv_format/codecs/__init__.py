@@ -21,6 +21,8 @@ see ``kernels``. SPEC.md defines every codec normatively.
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,11 +75,32 @@ def _check_finite(rows: np.ndarray, ggml_type: int, where: str) -> None:
         )
 
 
+_KERNEL_LOCK = threading.RLock()
+
+
+def _serialised(method):
+    """One kernel call at a time per process: numba's workqueue threading layer (see
+    deltakv_format/__init__.py) aborts the process on concurrent parallel launches."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with _KERNEL_LOCK:
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 class Codec:
     """Base class: subclasses set ``name`` and implement parts / encode / decode."""
 
     name: str = ""
     lossless_for_f16 = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("encode", "decode"):
+            if name in cls.__dict__:
+                setattr(cls, name, _serialised(cls.__dict__[name]))
 
     def __init__(self, keyframe_interval: int = 1, rotation: int = 0):
         self.keyframe_interval = int(keyframe_interval)
