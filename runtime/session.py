@@ -31,6 +31,43 @@ KEY_N_VOCAB = "deltakv.runtime.n_vocab"
 KEY_N_EMBD = "deltakv.runtime.n_embd"
 
 
+_GPU_CHECKED = None
+
+
+def accelerated():
+    """Use the GPU kernels for the codecs when a CUDA/HIP GPU can run them (same bytes as the CPU).
+
+    ``DELTAKV_GPU=0`` turns it off. The first call builds the kernel library if needed
+    (README: "GPU"); without a GPU, or if that fails, everything stays on the CPU.
+    """
+    import contextlib
+    import os
+
+    from deltakv_format.codecs import use_accelerator
+
+    global _GPU_CHECKED
+    if _GPU_CHECKED is None:
+        _GPU_CHECKED = False
+        if os.environ.get("DELTAKV_GPU", "1") != "0":
+            try:
+                from . import gpu
+
+                _GPU_CHECKED = gpu if gpu.is_available() else False
+            except Exception:  # no toolchain, no driver: the CPU path is always there
+                _GPU_CHECKED = False
+
+    @contextlib.contextmanager
+    def scope():
+        previous = use_accelerator(_GPU_CHECKED) if _GPU_CHECKED else None
+        try:
+            yield bool(_GPU_CHECKED)
+        finally:
+            if _GPU_CHECKED:
+                use_accelerator(previous)
+
+    return scope()
+
+
 def _llama_cpp():
     import llama_cpp
 
@@ -79,7 +116,8 @@ def save(llm, path, *, codec: Codec | str = DEFAULT_CODEC, seq_id: int = 0) -> P
         raise DeltaKVError("the context is empty: evaluate a prompt before saving")
     codec = get_codec(codec) if isinstance(codec, str) else codec
     state = live_state(llm, seq_id)
-    write_session(state, path, codec, extra_kvs=_runtime_kvs(llm)).close()
+    with accelerated():
+        write_session(state, path, codec, extra_kvs=_runtime_kvs(llm)).close()
     return Path(path)
 
 
@@ -118,7 +156,8 @@ def load(llm, path, *, seq_id: int = 0) -> int:
         tokens = session.tokens()
         if tokens is None:
             raise DeltaKVError(f"{path} holds no token list (it was not saved from a session or sequence file)")
-        state = session.to_llama_state()
+        with accelerated():
+            state = session.to_llama_state()
     blob = write_state(state, framing=Framing.SEQ_STATE)
     buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
     n = lc.llama_state_seq_set_data(llm.ctx, buf, len(blob), seq_id)
@@ -146,4 +185,5 @@ def extend(llm, path, *, seq_id: int = 0) -> dict:
             f"the {0 if stored is None else len(stored)} tokens stored in {path} are not a prefix of the "
             f"context's {len(live)} tokens; save it anew instead"
         )
-    return append_session(path, live_state(llm, seq_id))
+    with accelerated():
+        return append_session(path, live_state(llm, seq_id))

@@ -330,3 +330,28 @@ def test_find_nonfinite():
         assert first.value == 5 * 64 + 7
     finally:
         k.free(p)
+
+
+def test_accelerated_session_write_and_read_give_the_cpu_bytes(tmp_path):
+    """The runtime routes codecs to the GPU when one is present: the .dkv bytes and the decoded
+    state must be those of the CPU path."""
+    reason = gpu.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"GPU kernels unavailable: {reason}")
+    from deltakv_format.codecs import use_accelerator
+    from deltakv_format.session import DkvSession, write_session
+
+    from .synthetic import SyntheticContext, payloads
+
+    state = SyntheticContext(n_max=300, n_layer=2, n_values=256).state(300)
+    write_session(state, tmp_path / "cpu.dkv", "dkv-q4").close()
+    previous = use_accelerator(gpu)
+    try:
+        write_session(state, tmp_path / "gpu.dkv", "dkv-q4").close()
+        with DkvSession(tmp_path / "gpu.dkv") as s:
+            on_gpu = payloads(s.to_llama_state())
+    finally:
+        use_accelerator(previous)
+    assert (tmp_path / "gpu.dkv").read_bytes() == (tmp_path / "cpu.dkv").read_bytes()
+    with DkvSession(tmp_path / "cpu.dkv") as s:
+        assert payloads(s.to_llama_state()) == on_gpu

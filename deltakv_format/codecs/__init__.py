@@ -76,16 +76,45 @@ def _check_finite(rows: np.ndarray, ggml_type: int, where: str) -> None:
 
 
 _KERNEL_LOCK = threading.RLock()
+_ACCELERATOR = None
 
 
-def _serialised(method):
-    """One kernel call at a time per process: numba's workqueue threading layer (see
-    deltakv_format/__init__.py) aborts the process on concurrent parallel launches."""
+def use_accelerator(accelerator):
+    """Route encode/decode of every codec but raw to ``accelerator`` (or back to Numba with None).
+
+    An accelerator has ``encode(codec_name, rows, ggml_type, keyframe_interval, rotation, where=)`` and
+    ``decode(codec_name, parts, ggml_type, n_values, row_lo, row_hi, keyframe_interval, rotation)``
+    with the codec methods' results bit for bit (the runtime's GPU kernels: deltakv_runtime.gpu).
+    Returns the previous one. The format package never imports an accelerator itself.
+    """
+    global _ACCELERATOR
+    previous, _ACCELERATOR = _ACCELERATOR, accelerator
+    return previous
+
+
+def _dispatched(method):
+    """Serialise kernel calls (numba's workqueue threading layer, see deltakv_format/__init__.py,
+    aborts on concurrent parallel launches) and send them to the accelerator if one is in use."""
+    name = method.__name__
 
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
+        accelerator = _ACCELERATOR
         with _KERNEL_LOCK:
-            return method(*args, **kwargs)
+            if accelerator is None or self.name == CODEC_RAW:
+                return method(self, *args, **kwargs)
+            if name == "encode":
+                rows, ggml_type = args[0], args[1]
+                where = kwargs.get("where", args[2] if len(args) > 2 else "track")
+                return accelerator.encode(self.name, rows, ggml_type, self.keyframe_interval, self.rotation, where=where)
+            parts, ggml_type, n_values, row_lo, row_hi = args[:5]
+            out = kwargs.get("out", args[5] if len(args) > 5 else None)
+            result = accelerator.decode(self.name, parts, ggml_type, n_values, row_lo, row_hi,
+                                        self.keyframe_interval, self.rotation)
+            if out is None:
+                return result
+            out[...] = result
+            return out
 
     return wrapper
 
@@ -100,7 +129,7 @@ class Codec:
         super().__init_subclass__(**kwargs)
         for name in ("encode", "decode"):
             if name in cls.__dict__:
-                setattr(cls, name, _serialised(cls.__dict__[name]))
+                setattr(cls, name, _dispatched(cls.__dict__[name]))
 
     def __init__(self, keyframe_interval: int = 1, rotation: int = 0):
         self.keyframe_interval = int(keyframe_interval)
