@@ -177,6 +177,48 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Delete the temporary files ``.{name}.*.tmp`` that killed writers of ``path`` left behind.
+
+    A live writer holds an exclusive flock on its temporary file; the lock dies with the process,
+    so a temporary file whose lock can be taken belongs to a dead writer.
+    """
+    import fcntl
+    import glob
+
+    for tmp in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its writer is alive
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def temp_file_for(path) -> tuple[int, str]:
+    """A new temporary file in ``path``'s folder (``.{name}.XXXXXXXX.tmp``), flock-ed for as long
+    as this process lives; stale ones left by killed writers are removed first."""
+    import fcntl
+
+    path = Path(path)
+    _remove_stale_temps(path)
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            return fd, tmp
+        os.close(fd)  # a concurrent cleaner took it between mkstemp and flock: take another
+
+
 def base_kvs() -> list[KeyValue]:
     return [
         KeyValue("general.architecture", GGUFValueType.STRING, ARCHITECTURE),
@@ -192,7 +234,7 @@ def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progre
     # First pass sizes the header; CRCs are only known after the data is written.
     provisional = build_header(kvs, infos, [0] * len(infos), None)
     data_start = len(provisional)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_for(path)
     try:
         os.fchmod(fd, _default_mode())
         with os.fdopen(fd, "wb") as f:
@@ -226,6 +268,8 @@ def _read_journal(path: Path) -> Journal | None:
     """The redo journal of an interrupted append, or None if absent or incomplete."""
     jpath = Path(str(path) + JOURNAL_SUFFIX)
     try:
+        if jpath.stat().st_size > 28 + os.path.getsize(path):
+            return None  # a header longer than the file it commits: not a journal of this file
         raw = jpath.read_bytes()
     except FileNotFoundError:
         return None
@@ -236,6 +280,10 @@ def _read_journal(path: Path) -> Journal | None:
         return None
     if crc32c(raw[28:]) != crc:
         return None  # written only partly: the main header was never touched
+    if not header_len <= committed_size <= os.path.getsize(path):
+        # The tensors a journal commits were fsynced before it was written, so a journal that
+        # points past the end of the file belongs to another file (stale): never replay it.
+        return None
     return Journal(committed_size, raw[28:])
 
 
@@ -254,6 +302,8 @@ class DkvFile:
 
     def __init__(self, path, *, verify_checksums: bool = True, recover: bool = True):
         self.path = Path(path)
+        self.verify_checksums = verify_checksums
+        self._verified: set[str] = set()  # tensors whose CRC tensor() has checked
         journal = _read_journal(self.path)
         if journal is not None and recover and os.access(self.path, os.W_OK):
             _replay_journal(self.path, journal)
@@ -291,8 +341,9 @@ class DkvFile:
         header = parse_header(header_buf, what=".dkv header")
         kvs = header.kvs
         arch = kvs.get("general.architecture")
-        if arch is None or arch.value != ARCHITECTURE:
-            found = arch.value if arch is not None else "no general.architecture"
+        if arch is None or arch.value_type != GGUFValueType.STRING or arch.value != ARCHITECTURE:
+            found = "no general.architecture" if arch is None else (
+                arch.value if arch.value_type == GGUFValueType.STRING else f"a {arch.value_type.name} value")
             raise BadMagicError(f"a GGUF file but not a Delta-KV session: expected architecture {ARCHITECTURE!r}, found {found!r}")
         version = kvs.get(KEY_VERSION)
         if version is None or version.value_type != GGUFValueType.UINT32:
@@ -337,7 +388,7 @@ class DkvFile:
         pos = self.data_start
         for info in self.header.tensors:
             start = self.data_start + info.offset
-            if any(self._buf[pos:start]):
+            if start > pos and np.frombuffer(self._buf, np.uint8, start - pos, pos).any():
                 problems.append(f"non-zero padding between file offsets {pos} and {start}")
             crc = crc32c(self._buf[start:start + info.nbytes])
             if crc != self._tensor_crc[info.name]:
@@ -359,6 +410,7 @@ class DkvFile:
                 f"tensor {name!r}: checksum mismatch, stored {self._tensor_crc[name]:#010x}, computed {crc:#010x}",
                 offset=start, path=str(self.path),
             )
+        self._verified.add(name)
 
     # -- access -------------------------------------------------------------------------
 
@@ -377,11 +429,18 @@ class DkvFile:
     def has_tensor(self, name: str) -> bool:
         return name in self.tensor_infos
 
-    def tensor(self, name: str) -> np.ndarray:
-        """Zero-copy view: (rows, row elements) for 2-D tensors, element bits for float types."""
+    def tensor(self, name: str, *, verify: bool | None = None) -> np.ndarray:
+        """Zero-copy view: (rows, row elements) for 2-D tensors, element bits for float types.
+
+        The tensor's CRC is checked on its first access (SPEC.md 2.1: a reader verifies every
+        tensor it decodes), unless the file was opened with ``verify_checksums=False`` or
+        ``verify=False`` is passed (for looking at shapes only).
+        """
         info = self.tensor_infos.get(name)
         if info is None:
             raise CorruptError(f"missing tensor {name!r}", path=str(self.path))
+        if (self.verify_checksums if verify is None else verify) and name not in self._verified:
+            self.verify_tensor(name)
         start = self.data_start + info.offset
         raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=start)
         dt = element_view_dtype(info.ggml_type)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from .codecs import get_codec
 from .constants import FLOAT_TYPES, GGMLType, ggml_row_bytes
-from .container import DkvFile, _default_mode, _fsync_dir
+from .container import DkvFile, _default_mode, _fsync_dir, temp_file_for
 from .errors import DeltaKVError
 from .session import DkvSession, write_session
 from .state_model import Framing, KVCacheSection, LlamaState, OpaqueSection
@@ -27,7 +26,7 @@ DKV_MAGIC = b"GGUF"
 def atomic_write(path, chunks) -> int:
     """Write ``chunks`` (bytes-like) to ``path`` through a temporary file, fsync and rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_for(path)
     written = 0
     try:
         os.fchmod(fd, _default_mode())

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import Codec, codec_for_track, get_codec
-from .constants import FLOAT_TYPES, GGMLType, GGUFValueType
+from .constants import FLOAT_TYPES, GGML_BLOCK_SIZES, GGMLType, GGUFValueType
 from .container import DkvFile, TensorData, append_container, base_kvs, write_container
 from .errors import CorruptError, DeltaKVError, SessionMismatchError
 from .gguf_io import KeyValue
@@ -61,6 +61,8 @@ def _arr(key, values, element_type):
 def cell_record_ends(cells, count: int, ext_bytes: int) -> np.ndarray:
     """Byte offset of the end of each cell record: i32 pos, u32 n_seq_id, [ext], i32 seq_id[n]."""
     buf = memoryview(cells)
+    if count * 8 > len(buf):  # each record has at least 8 bytes: check before allocating per count
+        raise CorruptError(f"{count} cell records need at least {count * 8} bytes, found {len(buf)}", offset=0)
     ends = np.empty(count, np.int64)
     pos = 0
     for i in range(count):
@@ -148,7 +150,13 @@ def _session_kvs(state: LlamaState, codec: Codec, tracks: list[Track], seg_first
     if state.seq_prefix_id is not None:
         kvs.append(KeyValue("deltakv.source.seq_prefix_id", I32, state.seq_prefix_id))
     if state.arch_bytes is not None:
-        kvs.append(KeyValue("deltakv.source.arch", STR, state.arch_bytes.decode("utf-8")))
+        try:
+            arch = state.arch_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # deltakv.source.arch is a GGUF string (UTF-8); llama.cpp's arch names are ASCII
+            raise CorruptError(f"arch string: expected UTF-8 text (a llama.cpp architecture name), found "
+                               f"{bytes(state.arch_bytes)[:32]!r} ({e.reason} at byte {e.start})") from e
+        kvs.append(KeyValue("deltakv.source.arch", STR, arch))
     token_format = "none" if state.token_words is None else ("plain" if state.tokens() is not None else "packed")
     kvs.append(KeyValue("deltakv.source.token_format", STR, token_format))
     kvs.append(KeyValue("deltakv.codec", STR, codec.name))
@@ -242,68 +250,159 @@ class DkvSession:
     def _v(self, key, default=...):
         return self.file.value(key, default)
 
-    def _list(self, key, n: int | None = None) -> list:
-        value = self._v(key)
-        if isinstance(value, str) or not hasattr(value, "__len__"):
-            raise CorruptError(f"{key} must be an array")
+    def _kv(self, key: str, value_type: GGUFValueType, element_type: GGUFValueType | None = None,
+            optional: bool = False) -> KeyValue | None:
+        """The key-value ``key``, checked to have the type SPEC.md section 3 gives it."""
+        kv = self.file.kvs.get(key)
+        if kv is None:
+            if optional:
+                return None
+            raise CorruptError(f"missing key {key!r}")
+        if kv.value_type != value_type or (element_type is not None and kv.element_type != element_type):
+            want = value_type.name if element_type is None else f"an array of {element_type.name}"
+            found = kv.value_type.name if kv.value_type != ARR else f"an array of {GGUFValueType(kv.element_type).name}"
+            raise CorruptError(f"{key}: expected {want}, found {found}", offset=kv.value_offset)
+        return kv
+
+    def _scalar(self, key: str, value_type: GGUFValueType, optional: bool = False, choices=None):
+        kv = self._kv(key, value_type, optional=optional)
+        if kv is None:
+            return None
+        if choices is not None and kv.value not in choices:
+            raise CorruptError(f"{key}: expected one of {sorted(choices)}, found {kv.value!r}", offset=kv.value_offset)
+        return kv.value
+
+    def _list(self, key: str, element_type: GGUFValueType, n: int | None = None, lo: int | None = None,
+              hi: int | None = None, choices=None) -> list:
+        """An array key-value as a list, its type, length and value range checked."""
+        kv = self._kv(key, ARR, element_type)
+        value = kv.value
         if n is not None and len(value) != n:
-            raise CorruptError(f"{key} has {len(value)} entries, expected {n}")
-        return [v if isinstance(v, str) else int(v) for v in value]
+            raise CorruptError(f"{key}: expected {n} entries, found {len(value)}", offset=kv.value_offset)
+        if element_type == STR:
+            if choices is not None:
+                bad = next((v for v in value if v not in choices), None)
+                if bad is not None:
+                    raise CorruptError(f"{key}: expected entries in {sorted(choices)}, found {bad!r}", offset=kv.value_offset)
+            return list(value)
+        out = [int(v) for v in value]
+        for i, v in enumerate(out):
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise CorruptError(f"{key}[{i}]: expected {lo}..{hi}, found {v}", offset=kv.value_offset + 12)
+        return out
+
+    def _check_tensor(self, name: str, ggml_type: int, n: int | None = None) -> None:
+        """A structural tensor (tokens, cells, sections) has the type and, if given, length it must."""
+        info = self.file.tensor_infos.get(name)
+        if info is None:
+            return
+        if info.ggml_type != ggml_type or len(info.shape) != 1 or (n is not None and info.shape[0] != n):
+            want = f"{GGMLType(ggml_type).name} [{'n' if n is None else n}]"
+            raise CorruptError(f"tensor {name!r}: expected {want}, found {GGMLType(info.ggml_type).name} {list(info.shape)}")
 
     def _load(self):
-        try:
-            self.framing = Framing(self._v("deltakv.source.framing"))
-            self.layout = BodyLayout(self._v("deltakv.source.layout"))
-        except ValueError as e:
-            raise CorruptError(f"unknown source framing or layout: {e}") from e
-        self.file_version = self._v("deltakv.source.file_version", None)
-        self.seq_prefix_id = self._v("deltakv.source.seq_prefix_id", None)
-        self.arch = self._v("deltakv.source.arch", None)
-        self.token_format = self._v("deltakv.source.token_format")
-        self.codec_name = self._v("deltakv.codec")
-        self.section_kind = self._list("deltakv.section.kind")
+        U16_MAX, U32_MAX = 0xFFFF, 0xFFFFFFFF
+        self.framing = Framing(self._scalar("deltakv.source.framing", STR, choices={f.value for f in Framing}))
+        self.layout = BodyLayout(self._scalar("deltakv.source.layout", STR, choices={b.value for b in BodyLayout}))
+        self.file_version = self._scalar("deltakv.source.file_version", U32, optional=True)
+        self.seq_prefix_id = self._scalar("deltakv.source.seq_prefix_id", I32, optional=True)
+        self.arch = self._scalar("deltakv.source.arch", STR, optional=True)
+        self.token_format = self._scalar("deltakv.source.token_format", STR, choices={"none", "plain", "packed"})
+        file_framing = self.framing in (Framing.SESSION_FILE, Framing.SEQUENCE_FILE)
+        if file_framing != (self.token_format != "none"):
+            raise CorruptError(f"deltakv.source.token_format: expected {'plain or packed' if file_framing else 'none'} "
+                               f"for framing {self.framing.value!r}, found {self.token_format!r}")
+        self.codec_name = self._scalar("deltakv.codec", STR)
+        self.section_kind = self._list("deltakv.section.kind", STR, choices={"kv", "opaque"})
         n_sec = len(self.section_kind)
-        self.section_role = self._list("deltakv.section.role", n_sec)
-        self.section_has_n_stream = self._list("deltakv.section.has_n_stream", n_sec)
-        self.stream_section = self._list("deltakv.stream.section")
+        self.section_role = self._list("deltakv.section.role", STR, n_sec)
+        self.section_has_n_stream = self._list("deltakv.section.has_n_stream", U8, n_sec, 0, 1)
+        self.stream_section = self._list("deltakv.stream.section", U32, None, 0, max(n_sec - 1, 0))
         n_st = len(self.stream_section)
-        self.stream_cells = self._list("deltakv.stream.cell_count", n_st)
-        self.stream_ext = self._list("deltakv.stream.cell_ext_bytes", n_st)
-        self.stream_v_trans = self._list("deltakv.stream.v_trans", n_st)
-        self.stream_n_layer = self._list("deltakv.stream.n_layer", n_st)
-        self.stream_rot_k = self._list("deltakv.stream.n_rot_k", n_st)
-        self.stream_rot_v = self._list("deltakv.stream.n_rot_v", n_st)
-        self.stream_n_k = self._list("deltakv.stream.n_k", n_st)
-        self.stream_n_v = self._list("deltakv.stream.n_v", n_st)
-        names = self._list("deltakv.track.name")
+        # Row counts are u32 words in the llama.cpp state; bounding them keeps all row arithmetic small.
+        self.stream_cells = self._list("deltakv.stream.cell_count", U64, n_st, 0, U32_MAX)
+        self.stream_ext = self._list("deltakv.stream.cell_ext_bytes", U32, n_st, 0, U16_MAX)
+        self.stream_v_trans = self._list("deltakv.stream.v_trans", I32, n_st, -1, 1)
+        self.stream_n_layer = self._list("deltakv.stream.n_layer", I32, n_st, -1)
+        self.stream_rot_k = self._list("deltakv.stream.n_rot_k", I32, n_st, -1)
+        self.stream_rot_v = self._list("deltakv.stream.n_rot_v", I32, n_st, -1)
+        for g, (rk, rv) in enumerate(zip(self.stream_rot_k, self.stream_rot_v)):
+            if (rk < 0) != (rv < 0):
+                raise CorruptError(f"stream {g}: expected n_rot_k and n_rot_v both -1 or both >= 0, found {rk} and {rv}")
+        self.stream_n_k = self._list("deltakv.stream.n_k", U32, n_st)
+        self.stream_n_v = self._list("deltakv.stream.n_v", U32, n_st)
+        names = self._list("deltakv.track.name", STR)
         n_tr = len(names)
-        types = self._list("deltakv.track.ggml_type", n_tr)
-        n_values = self._list("deltakv.track.n_values", n_tr)
-        transposed = self._list("deltakv.track.transposed", n_tr)
-        codecs = self._list("deltakv.track.codec", n_tr)
-        intervals = self._list("deltakv.track.keyframe_interval", n_tr)
-        rotations = self._list("deltakv.track.rotation", n_tr)
-        self.n_segments = int(self._v("deltakv.segment.count"))
-        self.seg_first_row = np.array(self._list("deltakv.segment.first_row", self.n_segments * n_st), np.int64).reshape(self.n_segments, n_st)
-        self.seg_rows = np.array(self._list("deltakv.segment.rows", self.n_segments * n_st), np.int64).reshape(self.n_segments, n_st)
-        self.seg_first_token = self._list("deltakv.segment.first_token", self.n_segments)
-        self.seg_tokens = self._list("deltakv.segment.tokens", self.n_segments)
-        if any(s >= n_sec or self.section_kind[s] != "kv" for s in self.stream_section):
+        types = self._list("deltakv.track.ggml_type", U32, n_tr)
+        n_values = self._list("deltakv.track.n_values", U64, n_tr, 1, U32_MAX)
+        transposed = self._list("deltakv.track.transposed", U8, n_tr, 0, 1)
+        codecs = self._list("deltakv.track.codec", STR, n_tr)
+        intervals = self._list("deltakv.track.keyframe_interval", U32, n_tr)
+        rotations = self._list("deltakv.track.rotation", U32, n_tr)
+        self.n_segments = self._scalar("deltakv.segment.count", U32)
+        n_seg = self.n_segments
+        self.seg_first_row = np.array(self._list("deltakv.segment.first_row", U64, n_seg * n_st, 0, U32_MAX), np.int64).reshape(n_seg, n_st)
+        self.seg_rows = np.array(self._list("deltakv.segment.rows", U64, n_seg * n_st, 0, U32_MAX), np.int64).reshape(n_seg, n_st)
+        self.seg_first_token = self._list("deltakv.segment.first_token", U64, n_seg)
+        self.seg_tokens = self._list("deltakv.segment.tokens", U64, n_seg)
+
+        # Sections and streams: streams in section order, every KV section with its streams.
+        if any(self.section_kind[s] != "kv" for s in self.stream_section):
             raise CorruptError("deltakv.stream.section names a section that is not a KV cache")
+        if self.stream_section != sorted(self.stream_section):
+            raise CorruptError("deltakv.stream.section: expected streams in section order, found them out of order")
+        for i, kind in enumerate(self.section_kind):
+            n = self.stream_section.count(i)
+            if kind == "kv" and (n == 0 or (n != 1 and not self.section_has_n_stream[i])):
+                want = "one stream (no n_stream word)" if not self.section_has_n_stream[i] else "at least one stream"
+                raise CorruptError(f"KV section {i}: expected {want}, found {n}")
+
+        # Tokens: segments hold consecutive ranges, backed by tensors of exactly that length.
+        expect = 0
+        for s in range(n_seg):
+            if self.seg_first_token[s] != expect:
+                raise CorruptError(f"deltakv.segment.first_token[{s}]: expected {expect} (the tokens before it), "
+                                   f"found {self.seg_first_token[s]}")
+            n = self.seg_tokens[s]
+            if n and self.token_format != "plain":
+                raise CorruptError(f"deltakv.segment.tokens[{s}]: expected 0 with token_format "
+                                   f"{self.token_format!r}, found {n}")
+            if n:
+                if not self.file.has_tensor(f"tokens.{s}"):
+                    raise CorruptError(f"segment {s} holds {n} tokens, but tensor 'tokens.{s}' is missing")
+                self._check_tensor(f"tokens.{s}", GGMLType.I32, n)
+            expect += n
+        if self.token_format == "packed":
+            if not self.file.has_tensor("token_blob"):
+                raise CorruptError("token_format 'packed' needs the tensor 'token_blob', which is missing")
+            self._check_tensor("token_blob", GGMLType.I8)
+        for name in self.file.tensor_infos:
+            if name.startswith("section.") or ".cells." in name:
+                self._check_tensor(name, GGMLType.I8)
+
+        # Tracks.
+        if sum(self.stream_n_k) + sum(self.stream_n_v) != n_tr:
+            raise CorruptError(f"deltakv.stream.n_k / n_v: expected them to add up to the {n_tr} tracks, "
+                               f"found {sum(self.stream_n_k) + sum(self.stream_n_v)}")
         self.tracks = []
         expected_names = [f"s{g}.l{i}.{kv}" for g in range(n_st) for kv, n in (("k", self.stream_n_k[g]), ("v", self.stream_n_v[g])) for i in range(n)]
         if names != expected_names:
             raise CorruptError("deltakv.track.name does not list s{stream}.l{layer}.k then .v for every stream in order")
         for i in range(n_tr):
-            if types[i] not in GGMLType._value2member_map_:
+            if types[i] not in GGML_BLOCK_SIZES:
                 raise CorruptError(f"track {names[i]} has unknown ggml type {types[i]}")
             codec = get_codec(codecs[i], keyframe_interval=intervals[i], rotation=rotations[i])
+            if not codec.accepts(types[i], n_values[i]):
+                raise CorruptError(f"track {names[i]}: codec {codec.name} cannot hold {GGMLType(types[i]).name} rows "
+                                   f"of {n_values[i]} values")
             stream = int(names[i][1:names[i].index(".")])
             self.tracks.append(Track(i, names[i], stream, types[i], n_values[i], bool(transposed[i]), codec))
         self.track_by_name = {t.name: t for t in self.tracks}
+
+        # Segments (SPEC.md 3.2).
         for g in range(n_st):
             end = 0
-            for s in range(self.n_segments):
+            for s in range(n_seg):
                 first, rows = int(self.seg_first_row[s, g]), int(self.seg_rows[s, g])
                 if rows and first > end:
                     raise CorruptError(f"segment {s} of stream {g} starts at row {first}, after the previous end {end}")
@@ -313,14 +412,27 @@ class DkvSession:
                 raise CorruptError(f"stream {g}: segments hold {end} rows, deltakv.stream.cell_count says {self.stream_cells[g]}")
         for t in self.tracks:
             chunk = t.codec.keyframe_interval
-            for s in range(self.n_segments):
+            for s in range(n_seg):
                 rows = int(self.seg_rows[s, t.stream])
                 if rows and self.seg_first_row[s, t.stream] % chunk:
                     raise CorruptError(f"segment {s} of {t.name} does not start on a keyframe")
                 if rows:
-                    parts = self._parts(t, s)
-                    if t.codec.rows_of_parts(parts) != rows:
-                        raise CorruptError(f"tensors of {t.name} segment {s} hold {t.codec.rows_of_parts(parts)} rows, expected {rows}")
+                    self._check_parts(t, s, rows, self._parts(t, s, verify=False))
+
+    def _check_parts(self, t: Track, s: int, rows: int, parts: dict) -> None:
+        """The part tensors of a track segment hold exactly ``rows`` rows, split as SPEC.md 3.2 says
+        (the decoders index them without bounds checks)."""
+        if t.codec.rows_of_parts(parts) != rows:
+            raise CorruptError(f"tensors of {t.name} segment {s} hold {t.codec.rows_of_parts(parts)} rows, expected {rows}")
+        if "key" in parts:
+            n_key = -(-rows // t.codec.keyframe_interval)
+            want = {"key": n_key, "q4": rows - n_key}
+            if "mode" in parts and rows > n_key:
+                want["mode"] = rows - n_key
+            for role, n in want.items():
+                if parts[role].shape[0] != n:
+                    raise CorruptError(f"tensor {t.part_name(s, role)!r}: expected {n} rows for {rows} rows with "
+                                       f"keyframe interval {t.codec.keyframe_interval}, found {parts[role].shape[0]}")
 
     # -- reading ---------------------------------------------------------------------
 
@@ -340,7 +452,7 @@ class DkvSession:
                 out[self.seg_first_token[s]:self.seg_first_token[s] + self.seg_tokens[s]] = tok
         return out
 
-    def _parts(self, track: Track, segment: int) -> dict[str, np.ndarray]:
+    def _parts(self, track: Track, segment: int, verify: bool | None = None) -> dict[str, np.ndarray]:
         parts = {}
         for part in track.codec.parts(track.ggml_type, track.n_values):
             name = track.part_name(segment, part.role)
@@ -351,7 +463,7 @@ class DkvSession:
                         f"tensor {name!r} is {GGMLType(info.ggml_type).name} {info.shape}; "
                         f"expected {GGMLType(part.ggml_type).name} with rows of {part.n_values}"
                     )
-                parts[part.role] = self.file.tensor(name)
+                parts[part.role] = self.file.tensor(name, verify=verify)
             else:
                 parts[part.role] = _empty_part(part)
         return parts
@@ -364,8 +476,8 @@ class DkvSession:
             if not rows:
                 continue
             first = int(self.seg_first_row[s, stream])
-            if spans and spans[-1][2] > first:
-                spans[-1] = (spans[-1][0], spans[-1][1], first)
+            # A segment owns every row from its first on (SPEC.md 3.2): earlier ones keep what is before.
+            spans = [(seg, lo, min(hi, first)) for seg, lo, hi in spans]
             spans.append((s, first, first + rows))
         return [sp for sp in spans if sp[2] > sp[1]]
 
