@@ -8,6 +8,7 @@ disk is always the complete old or the complete new snapshot (SPEC.md, "Append")
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -227,22 +228,16 @@ def base_kvs() -> list[KeyValue]:
     ]
 
 
-def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progress=None) -> None:
-    """Write a complete .dkv atomically: temp file in the same folder, fsync, rename."""
+@contextlib.contextmanager
+def replacing_file(path: Path):
+    """A file object whose content replaces ``path`` atomically on success (temp file in the same
+    folder, fsync, rename, fsync of the folder); on any failure the temp file goes and ``path`` stays."""
     path = Path(path)
-    infos = layout_tensors(tensors)
-    # First pass sizes the header; CRCs are only known after the data is written.
-    provisional = build_header(kvs, infos, [0] * len(infos), None)
-    data_start = len(provisional)
     fd, tmp = temp_file_for(path)
     try:
         os.fchmod(fd, _default_mode())
         with os.fdopen(fd, "wb") as f:
-            f.write(provisional)
-            crcs = _write_tensors(f, tensors, infos, data_start, progress)
-            header = build_header(kvs, infos, crcs, data_start)
-            f.seek(0)
-            f.write(header)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -253,6 +248,21 @@ def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progre
         except OSError:
             pass
         raise
+
+
+def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progress=None) -> None:
+    """Write a complete .dkv atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    infos = layout_tensors(tensors)
+    # First pass sizes the header; CRCs are only known after the data is written.
+    provisional = build_header(kvs, infos, [0] * len(infos), None)
+    data_start = len(provisional)
+    with replacing_file(path) as f:
+        f.write(provisional)
+        crcs = _write_tensors(f, tensors, infos, data_start, progress)
+        header = build_header(kvs, infos, crcs, data_start)
+        f.seek(0)
+        f.write(header)
 
 
 # ---- reading --------------------------------------------------------------------------

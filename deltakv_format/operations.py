@@ -15,7 +15,7 @@ import numpy as np
 
 from .codecs import get_codec
 from .constants import FLOAT_TYPES, GGMLType, ggml_row_bytes
-from .container import DkvFile, _default_mode, _fsync_dir, temp_file_for
+from .container import DkvFile, replacing_file
 from .errors import DeltaKVError
 from .session import DkvSession, write_session
 from .state_model import Framing, KVCacheSection, LlamaState, OpaqueSection
@@ -25,25 +25,11 @@ DKV_MAGIC = b"GGUF"
 
 def atomic_write(path, chunks) -> int:
     """Write ``chunks`` (bytes-like) to ``path`` through a temporary file, fsync and rename."""
-    path = Path(path)
-    fd, tmp = temp_file_for(path)
     written = 0
-    try:
-        os.fchmod(fd, _default_mode())
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                written += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with replacing_file(path) as f:
+        for chunk in chunks:
+            f.write(chunk)
+            written += len(chunk)
     return written
 
 
