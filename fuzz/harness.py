@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import time
 import traceback
 import tracemalloc
 from pathlib import Path
@@ -43,7 +42,6 @@ def run(target_name: str, make_target, mutator, seed_dirs_default: list[str]) ->
     log = out / "findings.log"
     seen: dict[str, int] = {}
     crash = os.environ.get("FUZZ_CRASH") == "1"
-    stats = {"execs": 0, "start": time.time()}
 
     # Warm up (Numba compiles on first use; that is not the reader's allocation or time).
     dirs = [a for a in sys.argv[1:] if not a.startswith("-")] or seed_dirs_default
@@ -56,7 +54,6 @@ def run(target_name: str, make_target, mutator, seed_dirs_default: list[str]) ->
                 print(f"seed {p} violates the contract: {v}", file=sys.stderr)
 
     def one(data: bytes) -> None:
-        stats["execs"] += 1
         try:
             target(data)
         except ContractViolation as v:
@@ -80,14 +77,5 @@ def run(target_name: str, make_target, mutator, seed_dirs_default: list[str]) ->
     def mutate(data: bytes, max_size: int, seed: int) -> bytes:
         return mutator(data, max_size, seed, generic=atheris.Mutate)
 
-    import atexit
-
-    def summary():
-        el = time.time() - stats["start"]
-        with open(out / "runs.log", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {target_name}: {stats['execs']} inputs in {el:.0f} s, "
-                    f"{len(seen)} distinct findings {sorted(seen.items())}\n")
-
-    atexit.register(summary)
     atheris.Setup(sys.argv, one, custom_mutator=mutate)
     atheris.Fuzz()

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from deltakv_format import operations
 from deltakv_format.container import temp_file_for

@@ -9,7 +9,6 @@ claimed size: tracemalloc's peak stays under a few MB for inputs of a few KB. Th
 
 from __future__ import annotations
 
-import os
 import struct
 import tracemalloc
 from contextlib import contextmanager
@@ -26,7 +25,6 @@ from deltakv_format.container import (
     DkvFile,
     build_header,
     crc32c,
-    header_crc,
 )
 from deltakv_format.errors import (
     BadMagicError,
@@ -123,13 +121,6 @@ def write(tmp_path, raw: bytes, name="hostile.dkv"):
     p = tmp_path / name
     p.write_bytes(raw)
     return p
-
-
-def refix_header_crc(raw: bytes) -> bytes:
-    buf = bytearray(raw)
-    h = parse_header(buf)
-    struct.pack_into("<I", buf, HEADER_CRC_VALUE_OFFSET, header_crc(buf, h.data_start))
-    return bytes(buf)
 
 
 def patch(raw: bytes, offset: int, fmt: str, value) -> bytes:
