@@ -38,7 +38,7 @@ def run_demo(*, prompt_tokens: int = 2000, continue_tokens: int = 32, codec: str
     path = out_dir / "demo.dkv"
     n_ctx = prompt_tokens + continue_tokens + 64
 
-    log(f"model: {model.name}; prompt: the first {prompt_tokens} tokens of the GPL-3 text shipped in tools/data")
+    log(f"model: {model.name}; prompt: the first {prompt_tokens} tokens of the GPL-3 text shipped in runtime/data")
     llm = Llama(str(model), n_ctx=n_ctx, flash_attn=True, verbose=False)
     tokens = llm.tokenize(prose().encode())[:prompt_tokens]
     t = time.perf_counter()
