@@ -17,7 +17,7 @@ import numpy as np
 
 from .codecs import Codec, codec_for_track, get_codec
 from .constants import FLOAT_TYPES, GGML_BLOCK_SIZES, GGMLType, GGUFValueType
-from .container import DkvFile, TensorData, append_container, base_kvs, write_container
+from .container import DkvFile, TensorData, append_container, base_kvs, element_view_dtype, write_container
 from .errors import CorruptError, DeltaKVError, SessionMismatchError
 from .gguf_io import KeyValue
 from .state_model import (
@@ -497,8 +497,7 @@ class DkvSession:
             parts = self._parts(track, s)
             pieces.append(track.codec.decode(parts, track.ggml_type, track.n_values, lo - first, hi - first))
         if not pieces:
-            dt = {GGMLType.F16: np.uint16, GGMLType.BF16: np.uint16, GGMLType.F32: np.uint32}.get(track.ggml_type, np.uint8)
-            return np.empty((0, track.n_values), dt)
+            return np.empty((0, track.n_values), element_view_dtype(track.ggml_type))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def cells(self, stream: int) -> bytes:
