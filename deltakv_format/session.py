@@ -536,7 +536,7 @@ class DkvSession:
 
                         bv, bb = GGML_BLOCK_SIZES[t.ggml_type]
                         n_values = t.n_values // bb * bv
-                    kv = KVTensor(t.ggml_type, n, n_values, t.transposed, memoryview(KVTensor.payload_from_rows(rows, t.transposed)))
+                    kv = KVTensor(t.ggml_type, n, n_values, t.transposed, KVTensor.payload_from_rows(rows, t.transposed))
                     (ks if t.name.endswith(".k") else vs).append(kv)
                 rot = None if self.stream_rot_k[g] < 0 else (self.stream_rot_k[g], self.stream_rot_v[g])
                 streams.append(KVStream(

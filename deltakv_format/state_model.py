@@ -86,11 +86,12 @@ class KVTensor:
         return buf.reshape(self.cell_count, self.row_bytes)
 
     @staticmethod
-    def payload_from_rows(rows: np.ndarray, transposed: bool) -> bytes:
-        """Inverse of :meth:`rows`: the payload bytes as llama.cpp stores them."""
+    def payload_from_rows(rows: np.ndarray, transposed: bool) -> memoryview:
+        """Inverse of :meth:`rows`: the payload bytes as llama.cpp stores them (a view of ``rows``
+        when they are already laid out that way: loading a session copies each payload once less)."""
         if transposed and rows.dtype != np.uint8:
-            return np.ascontiguousarray(rows.T).tobytes()
-        return np.ascontiguousarray(rows).tobytes()
+            rows = rows.T
+        return memoryview(np.ascontiguousarray(rows)).cast("B")
 
 
 @dataclass

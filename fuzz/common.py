@@ -557,7 +557,7 @@ def shrink_state(state, n_cells: int, n_layers: int):
 
     def cut(t, m):
         rows = t.rows()[:m]
-        return KVTensor(t.ggml_type, m, t.n_values, t.transposed, memoryview(KVTensor.payload_from_rows(rows, t.transposed)))
+        return KVTensor(t.ggml_type, m, t.n_values, t.transposed, KVTensor.payload_from_rows(rows, t.transposed))
 
     sections = []
     for sec in state.sections:

@@ -13,7 +13,6 @@ cache moves by no more than re-rounding would.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import tempfile
 import time
@@ -27,7 +26,7 @@ from deltakv_format.llama_state import parse_state, write_state
 from deltakv_format.session import write_session
 from deltakv_format.state_model import Framing, KVCacheSection, KVTensor
 
-from .session import seq_state_bytes
+from .session import seq_state_bytes, set_seq_state_bytes
 
 CODEC_ROWS = [
     ("raw", "raw", {}),
@@ -114,8 +113,7 @@ class _Decoder:
         return np.concatenate(out) if want_logits else None
 
     def set_seq_state(self, blob: bytes) -> None:
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        n = self.L.llama_state_seq_set_data(self.llm.ctx, buf, len(blob), 0)
+        n = set_seq_state_bytes(self.llm, blob, 0)
         if n != len(blob):
             raise RuntimeError(f"llama.cpp refused a restored state ({n} of {len(blob)} bytes)")
 
@@ -178,7 +176,9 @@ def _through_codec(seq_blob: memoryview, codec_name: str, params: dict, tmp: Pat
     return write_state(restored), bits, ratio
 
 
-def run_eval(config: EvalConfig, log=print) -> list[Measurement]:
+def run_eval(config: EvalConfig, log=print, on_run=None) -> list[Measurement]:
+    """Every measurement of ``config``; ``on_run(results so far)`` after each run (text x prefix x chunk),
+    so that a long evaluation leaves its partial results behind."""
     import llama_cpp
 
     results: list[Measurement] = []
@@ -234,6 +234,8 @@ def run_eval(config: EvalConfig, log=print) -> list[Measurement]:
                                     results.append(Measurement(model_name, text_name, prefix, chunk, label, bits, bits / 16,
                                                                kl, ppl_ref, ppl, top1, len(tail)))
                             log(f"{model_name} {text_name} prefix {prefix} chunk {chunk}: {time.time() - t0:.1f} s")
+                            if on_run is not None:
+                                on_run(results)
             finally:
                 f16.close()
                 for dec in quantized.values():
@@ -259,8 +261,9 @@ def markdown_table(results: list[Measurement]) -> str:
                      f"{n_runs} runs (text x prefix x chunk) of {rows[0].continuation} continuation tokens each; "
                      "mean ± standard deviation over the runs")
         lines.append("")
-        lines.append("| codec | bits/value | .dkv / f16 | KL vs f16 | PPL change | top-1 agreement |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| codec | bits/value | .dkv / f16 | KL vs f16 (± sd) | KL 95% CI of the mean | PPL change | "
+                     "top-1 agreement |")
+        lines.append("|---|---|---|---|---|---|---|")
         present = [lab for lab in order if any(r.row == lab for r in rows)]
         present += sorted({r.row for r in rows} - set(present))
         for label in present:
@@ -270,7 +273,9 @@ def markdown_table(results: list[Measurement]) -> str:
             kl, kl_sd = _agg([r.kl for r in sel])
             dppl, dppl_sd = _agg([100 * (r.ppl / r.ppl_ref - 1) for r in sel])
             top1, top1_sd = _agg([100 * r.top1 for r in sel])
-            lines.append(f"| {label} | {bits:.2f} | {ratio:.3f} | {kl:.4f} ± {kl_sd:.4f} | {dppl:+.2f}% ± {dppl_sd:.2f} | "
+            half = 1.96 * kl_sd / math.sqrt(len(sel))
+            lines.append(f"| {label} | {bits:.2f} | {ratio:.3f} | {kl:.4f} ± {kl_sd:.4f} | {kl - half:.4f} .. {kl + half:.4f} | "
+                         f"{dppl:+.2f}% ± {dppl_sd:.2f} | "
                          f"{top1:.1f}% ± {top1_sd:.1f} |")
         lines.append("")
         lines.append(f"KL by prefix length ({model}, mean over texts and chunks):")

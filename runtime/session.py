@@ -92,6 +92,14 @@ def seq_state_bytes(llm, seq_id: int = 0) -> memoryview:
     return memoryview(buf).cast("B")[:n]
 
 
+def set_seq_state_bytes(llm, blob: bytes, seq_id: int = 0) -> int:
+    """llama_state_seq_set_data from ``blob`` without copying it (llama.cpp only reads the buffer);
+    returns the bytes llama.cpp read (0 when it refused the state)."""
+    lc = _llama_cpp()
+    src = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
+    return lc.llama_state_seq_set_data(llm.ctx, src, len(blob), seq_id)
+
+
 def live_state(llm, seq_id: int = 0) -> LlamaState:
     """The live sequence as a ggsq-framed state carrying the context's tokens."""
     state = parse_state(seq_state_bytes(llm, seq_id), framing=Framing.SEQ_STATE)
@@ -159,8 +167,7 @@ def load(llm, path, *, seq_id: int = 0) -> int:
         with accelerated():
             state = session.to_llama_state()
     blob = write_state(state, framing=Framing.SEQ_STATE)
-    buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-    n = lc.llama_state_seq_set_data(llm.ctx, buf, len(blob), seq_id)
+    n = set_seq_state_bytes(llm, blob, seq_id)
     if n != len(blob):
         llm.n_tokens = 0
         raise SessionMismatchError(f"llama.cpp refused the restored state of {path} (read {n} of {len(blob)} bytes)")

@@ -120,6 +120,21 @@ def test_lossy_codecs_refuse_non_finite_values(codec_name, bad):
         get_codec(codec_name).encode(to_bits(x, GGMLType.F16), GGMLType.F16, "s0.l0.k")
 
 
+@pytest.mark.parametrize("codec_name,params,n_values", [
+    ("dkv-q4", {"rotation": 256}, 192),  # SmolLM2's K rows: 3 heads x 64, not a multiple of 256
+    ("dkv-q4", {}, 48),
+    ("q4_0", {}, 48),
+    ("delta-q4_0", {"rotation": 64}, 96),
+])
+def test_codecs_refuse_rows_they_cannot_take(codec_name, params, n_values):
+    # Called directly (not through codec_for_track), a kernel given such rows used to return garbage.
+    codec = get_codec(codec_name, **params)
+    with pytest.raises(CodecError, match=f"cannot take rows of {n_values} values"):
+        codec.encode(np.zeros((4, n_values), np.uint16), GGMLType.F16)
+    with pytest.raises(CodecError, match=f"cannot take rows of {n_values} values"):
+        codec.decode({}, GGMLType.F16, n_values, 0, 1)
+
+
 def test_raw_and_f16_keep_non_finite_f16_bits():
     bits = np.array([[0x7C00, 0xFC00, 0x7E01, 0x0001] * 8], np.uint16)
     for name in ("raw", "f16"):

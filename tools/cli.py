@@ -197,12 +197,13 @@ def bench_resume(tokens, codec):
 @click.option("--small", type=int, default=2048, show_default=True)
 @click.option("--large", type=int, default=32768, show_default=True)
 @click.option("--added", type=int, default=64, show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 100), default=3, show_default=True, help="Appends per snapshot.")
 @friendly_errors
-def bench_extend(small, large, added):
+def bench_extend(small, large, added, repeat):
     """Append 64 tokens to a 2k- vs a 32k-token snapshot (SmolLM2)."""
     from deltakv_runtime.benchmarks import bench_extend as run
 
-    click.echo(run(small=small, large=large, added=added))
+    click.echo(run(small=small, large=large, added=added, repeat=repeat))
 
 
 @main.command()
@@ -253,9 +254,15 @@ def eval_(models, texts, prefixes, continuation, chunks, out):
         paths[name] = path
     config = EvalConfig(models=paths, texts={t: TEXTS[t]() for t in (texts or ("prose", "code"))},
                         prefixes=list(prefixes) or [512, 1024, 2048, 4096], continuation=continuation, chunks=chunks)
-    results = run_eval(config, log=lambda m: click.echo(m, err=True))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json_.dumps([dataclasses.asdict(r) for r in results], indent=1))
+
+    def save_results(results):  # after every run: a long evaluation keeps what it measured
+        partial = out / "results.json.partial"
+        partial.write_text(json_.dumps([dataclasses.asdict(r) for r in results], indent=1))
+        partial.replace(out / "results.json")
+
+    results = run_eval(config, log=lambda m: click.echo(m, err=True), on_run=save_results)
+    save_results(results)
     table = markdown_table(results)
     command = "deltakv eval " + " ".join(sys.argv[2:])
     (out / "EVAL.md").write_text(f"Measured {datetime.date.today()} with `{command}`\n\n{table}\n")
