@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import get_codec
-from .constants import FLOAT_TYPES, GGMLType, ggml_row_bytes
+from .constants import CODEC_DELTA_Q4_0, CODEC_DKV_Q4, FLOAT_TYPES, GGMLType, ggml_row_bytes
 from .container import DkvFile, replacing_file
-from .errors import DeltaKVError
+from .errors import CodecError, DeltaKVError
 from .session import DkvSession, write_session
 from .state_model import Framing, KVCacheSection, LlamaState, OpaqueSection
 
@@ -108,15 +108,29 @@ class ConvertReport:
         return self.dkv_bytes / self.source_bytes if self.source_bytes else float("nan")
 
 
-def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_path=None, progress=None) -> ConvertReport:
-    """llama.cpp state file (any supported framing and layout) -> .dkv."""
-    codec_obj = get_codec(codec, keyframe_interval=keyframe_interval) if keyframe_interval else get_codec(codec)
+def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_path=None, progress=None,
+            k_codec=None, v_codec=None) -> ConvertReport:
+    """llama.cpp state file (any supported framing and layout) -> .dkv.
+
+    ``k_codec`` / ``v_codec``: another codec for the K or the V tracks (``keyframe_interval`` applies
+    to every delta codec)."""
+    delta_codecs = (CODEC_DELTA_Q4_0, CODEC_DKV_Q4)
+    if keyframe_interval and not {codec, k_codec, v_codec} & set(delta_codecs):
+        raise CodecError(f"--keyframe-interval applies to the delta codecs ({', '.join(delta_codecs)}); "
+                         f"found codec {codec}" + (f", K {k_codec}" if k_codec else "") + (f", V {v_codec}" if v_codec else ""))
+
+    def make(name):
+        if name is None:
+            return None
+        return get_codec(name, keyframe_interval=keyframe_interval) if name in delta_codecs else get_codec(name)
+
+    codec_obj = make(codec)
     model = load_model_info(model_path)
     with MappedFile(in_path) as mapped:
         if bytes(mapped.buf[:4]) == DKV_MAGIC:
             raise DeltaKVError(f"{in_path} is already a GGUF/.dkv file; convert takes a llama.cpp state file")
         state = parse_state_file(mapped, model)
-        session = write_session(state, out_path, codec_obj, progress=progress)
+        session = write_session(state, out_path, codec_obj, progress=progress, k_codec=make(k_codec), v_codec=make(v_codec))
         source_bytes = len(mapped.buf)
         del state
     with session:

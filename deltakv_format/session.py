@@ -130,11 +130,12 @@ class _SessionBuilder:
                 self.add(track.part_name(segment, part.role), part.ggml_type, parts[part.role], part.n_values)
 
 
-def _plan_tracks(state: LlamaState, codec: Codec) -> list[Track]:
+def _plan_tracks(state: LlamaState, codec_of_role: dict[str, Codec]) -> list[Track]:
     tracks = []
     for g, (_, stream) in enumerate(_streams(state)):
         for suffix, t in _stream_tracks(stream):
             n_values = t.n_values if t.is_float else t.row_bytes
+            codec = codec_of_role[suffix[-1]]
             chosen = codec_for_track(codec, t.ggml_type, t.n_values) if t.is_float else get_codec("raw")
             tracks.append(Track(len(tracks), f"s{g}.{suffix}", g, t.ggml_type, n_values, t.transposed, chosen))
     return tracks
@@ -191,15 +192,20 @@ def _session_kvs(state: LlamaState, codec: Codec, tracks: list[Track], seg_first
 
 
 def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progress=None, *,
+                  k_codec: Codec | str | None = None, v_codec: Codec | str | None = None,
                   extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = ()) -> "DkvSession":
     """Store ``state`` as a new .dkv at ``path`` (atomically) and return it opened.
 
+    ``k_codec`` / ``v_codec`` override ``codec`` for the K or the V tracks (every track records its
+    own codec, SPEC.md 3.1; later appends keep it). K matters more to the model than V, so e.g.
+    ``k_codec="q8_0"`` with the default for V buys q8_0-level quality at fewer bits than q8_0 for both.
     ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
     ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
     """
-    if isinstance(codec, str):
-        codec = get_codec(codec)
-    tracks = _plan_tracks(state, codec)
+    codec = get_codec(codec) if isinstance(codec, str) else codec
+    codec_of_role = {role: get_codec(c) if isinstance(c, str) else (c or codec)
+                     for role, c in (("k", k_codec), ("v", v_codec))}
+    tracks = _plan_tracks(state, codec_of_role)
     builder = _SessionBuilder()
     tokens = state.tokens()
     if state.token_words is not None and tokens is None:

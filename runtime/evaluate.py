@@ -26,19 +26,9 @@ from deltakv_format.llama_state import parse_state, write_state
 from deltakv_format.session import write_session
 from deltakv_format.state_model import Framing, KVCacheSection, KVTensor
 
+from .eval_rows import CODEC_ROWS, REFERENCE_ROWS
 from .session import seq_state_bytes, set_seq_state_bytes
 
-CODEC_ROWS = [
-    ("raw", "raw", {}),
-    ("q8_0", "q8_0", {}),
-    ("q4_0", "q4_0", {}),
-    ("delta-q4_0 kf16", "delta-q4_0", {"keyframe_interval": 16}),
-    ("delta-q4_0 kf32", "delta-q4_0", {"keyframe_interval": 32}),
-    ("delta-q4_0 kf64", "delta-q4_0", {"keyframe_interval": 64}),
-    ("dkv-q4 kf32 (default)", "dkv-q4", {"keyframe_interval": 32}),
-    ("dkv-q4 kf64", "dkv-q4", {"keyframe_interval": 64}),
-]
-REFERENCE_ROWS = ["llama.cpp cache q8_0", "llama.cpp cache q4_0", "f16 noise floor"]
 NOISE_FRACTION = 0.0025  # a quarter percent of the values move by one f16 step
 
 
@@ -66,7 +56,7 @@ class EvalConfig:
     continuation: int = 256
     chunks: int = 3
     codec_rows: list = field(default_factory=lambda: list(CODEC_ROWS))
-    reference_rows: bool = True
+    reference_rows: list = field(default_factory=lambda: list(REFERENCE_ROWS))
 
 
 class _Decoder:
@@ -168,7 +158,9 @@ def _through_codec(seq_blob: memoryview, codec_name: str, params: dict, tmp: Pat
     """seq state -> .dkv (written and read back) -> seq state; with bits/value and size ratio."""
     state = parse_state(seq_blob, framing=Framing.SEQ_STATE)
     path = tmp / "eval.dkv"
-    with write_session(state, path, get_codec(codec_name, **params)) as session:
+    params = dict(params)
+    per_role = {role: params.pop(role, None) for role in ("k_codec", "v_codec")}
+    with write_session(state, path, get_codec(codec_name, **params), **per_role) as session:
         stored = sum(info.nbytes for name, info in session.file.tensor_infos.items() if ".l" in name)
         restored = session.to_llama_state()
         ratio = session.file.file_size / len(seq_blob)
@@ -188,10 +180,10 @@ def run_eval(config: EvalConfig, log=print, on_run=None) -> list[Measurement]:
         tmp = Path(tmpdir)
         for model_name, model_path in config.models.items():
             f16 = _Decoder(model_path, n_ctx)
-            quantized = {}
-            if config.reference_rows:
-                quantized = {"llama.cpp cache q8_0": _Decoder(model_path, n_ctx, llama_cpp.GGML_TYPE_Q8_0),
-                             "llama.cpp cache q4_0": _Decoder(model_path, n_ctx, llama_cpp.GGML_TYPE_Q4_0)}
+            quantized = {label: _Decoder(model_path, n_ctx, cache_type)
+                         for label, cache_type in (("llama.cpp cache q8_0", llama_cpp.GGML_TYPE_Q8_0),
+                                                   ("llama.cpp cache q4_0", llama_cpp.GGML_TYPE_Q4_0))
+                         if label in config.reference_rows}
             try:
                 for text_name, text in config.texts.items():
                     tokens = f16.llm.tokenize(text.encode("utf-8"), add_bos=False)
@@ -222,17 +214,17 @@ def run_eval(config: EvalConfig, log=print, on_run=None) -> list[Measurement]:
                             for label, codec_name, params in config.codec_rows:
                                 restored, bits, ratio = _through_codec(memoryview(blob), codec_name, params, tmp)
                                 measure(label, restored, bits, ratio)
-                            if config.reference_rows:
+                            if "f16 noise floor" in config.reference_rows:
                                 state = parse_state(memoryview(blob), framing=Framing.SEQ_STATE)
                                 measure("f16 noise floor", write_state(_with_noise(state, NOISE_FRACTION, rng)), 16.0, 1.0)
-                                for label, dec in quantized.items():
-                                    dec.clear()
-                                    dec.decode(head, 0, False)
-                                    test = dec.decode(tail, prefix, True)
-                                    kl, ppl_ref, ppl, top1 = compare_logits(ref, test, next_tokens)
-                                    bits = 8.5 if "q8_0" in label else 4.5
-                                    results.append(Measurement(model_name, text_name, prefix, chunk, label, bits, bits / 16,
-                                                               kl, ppl_ref, ppl, top1, len(tail)))
+                            for label, dec in quantized.items():
+                                dec.clear()
+                                dec.decode(head, 0, False)
+                                test = dec.decode(tail, prefix, True)
+                                kl, ppl_ref, ppl, top1 = compare_logits(ref, test, next_tokens)
+                                bits = 8.5 if "q8_0" in label else 4.5
+                                results.append(Measurement(model_name, text_name, prefix, chunk, label, bits, bits / 16,
+                                                           kl, ppl_ref, ppl, top1, len(tail)))
                             log(f"{model_name} {text_name} prefix {prefix} chunk {chunk}: {time.time() - t0:.1f} s")
                             if on_run is not None:
                                 on_run(results)

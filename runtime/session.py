@@ -118,14 +118,18 @@ def _runtime_kvs(llm) -> list[KeyValue]:
     ]
 
 
-def save(llm, path, *, codec: Codec | str = DEFAULT_CODEC, seq_id: int = 0) -> Path:
-    """Write the live context's sequence ``seq_id`` to ``path`` as a .dkv (atomically)."""
+def save(llm, path, *, codec: Codec | str = DEFAULT_CODEC, seq_id: int = 0,
+         k_codec: Codec | str | None = None, v_codec: Codec | str | None = None) -> Path:
+    """Write the live context's sequence ``seq_id`` to ``path`` as a .dkv (atomically).
+
+    ``k_codec`` / ``v_codec`` override ``codec`` for the K or V tracks (eval/EVAL.md: K q8_0 with
+    the default for V is the near-lossless choice); ``extend`` keeps each track's codec."""
     if llm.n_tokens == 0:
         raise DeltaKVError("the context is empty: evaluate a prompt before saving")
     codec = get_codec(codec) if isinstance(codec, str) else codec
     state = live_state(llm, seq_id)
     with accelerated():
-        write_session(state, path, codec, extra_kvs=_runtime_kvs(llm)).close()
+        write_session(state, path, codec, k_codec=k_codec, v_codec=v_codec, extra_kvs=_runtime_kvs(llm)).close()
     return Path(path)
 
 

@@ -84,6 +84,18 @@ def test_convert_prints_sizes_and_ratio(tmp_path):
     assert r.exit_code == 0 and "smaller" in r.output and "of the original" in r.output
 
 
+def test_k_and_v_tracks_can_take_different_codecs(tmp_path):
+    src = FIXTURES / "smollm2_v10_fa1.ggsq"
+    r = cli("convert", src, "-o", tmp_path / "x.dkv", "--k-codec", "q8_0", "--keyframe-interval", "16")
+    assert r.exit_code == 0 and "30 x q8_0, 30 x dkv-q4" in r.output, r.output
+    tracks = json.loads(cli("inspect", tmp_path / "x.dkv", "--json").output)["tracks"]
+    by_codec = {t["codec"]: t for t in tracks}
+    assert by_codec["q8_0"]["count"] == 30 and by_codec["dkv-q4"]["keyframe_interval"] == 16
+    assert cli("validate", tmp_path / "x.dkv", "--against", src).exit_code == 0
+    r = cli("convert", src, "-o", tmp_path / "y.dkv", "--codec", "q8_0", "--keyframe-interval", "16")
+    assert r.exit_code == 2 and "applies to the delta codecs" in r.output and not (tmp_path / "y.dkv").exists()
+
+
 def test_validate_detects_a_flipped_bit(tmp_path):
     cli("convert", FIXTURES / "smollm2_v10_fa1.ggsn", "-o", tmp_path / "x.dkv", "-q")
     data = bytearray((tmp_path / "x.dkv").read_bytes())

@@ -89,6 +89,26 @@ def test_extend_twice_then_load(tmp_path):
     assert greedy(llm2, 12) == expected
 
 
+def test_per_role_codecs_survive_extend_and_load(tmp_path):
+    from deltakv_runtime import extend, load, save
+
+    path = tmp_path / "s.dkv"
+    llm = make_llama()
+    toks = prompt_tokens(llm, 150)
+    llm.eval(toks[:100])
+    save(llm, path, k_codec="q8_0", v_codec="raw")
+    llm.eval(toks[100:])
+    extend(llm, path)
+    with DkvSession(path) as s:
+        assert {t.codec.name for t in s.tracks if t.name.endswith(".k")} == {"q8_0"}
+        assert {t.codec.name for t in s.tracks if t.name.endswith(".v")} == {"raw"}
+        live = llm.input_ids[: llm.n_tokens]
+        assert np.array_equal(s.tokens(), live)
+    llm2 = make_llama()
+    assert load(llm2, path) == 150
+    assert len(greedy(llm2, 4)) == 4
+
+
 def test_extend_refuses_a_diverged_context(tmp_path):
     from deltakv_runtime import extend, save
 

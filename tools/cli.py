@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import click
 
 from deltakv_format.constants import CODECS, DEFAULT_CODEC
 from deltakv_format.errors import DeltaKVError
+from deltakv_runtime.eval_rows import ROW_LABELS
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
 
@@ -69,11 +71,13 @@ def main():
 @click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output .dkv (default: INPUT with .dkv).")
 @click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
+@click.option("--k-codec", type=click.Choice(CODECS), help="Another codec for the K tracks (e.g. q8_0: K matters more than V).")
+@click.option("--v-codec", type=click.Choice(CODECS), help="Another codec for the V tracks.")
 @click.option("--keyframe-interval", type=click.IntRange(1, 65536), help="Rows between keyframes (delta codecs; default 32).")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The model's GGUF: removes layout guesswork.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @friendly_errors
-def convert(input, output, codec, keyframe_interval, model, quiet):
+def convert(input, output, codec, k_codec, v_codec, keyframe_interval, model, quiet):
     """Convert a llama.cpp state file (session, sequence or state blob) to .dkv."""
     from tqdm import tqdm
 
@@ -85,7 +89,7 @@ def convert(input, output, codec, keyframe_interval, model, quiet):
     bar = tqdm(desc="encoding", unit=" tensors", disable=quiet or not sys.stderr.isatty(), leave=False)
     try:
         report = operations.convert(input, output, codec=codec, keyframe_interval=keyframe_interval,
-                                    model_path=model, progress=lambda name: bar.update(1))
+                                    model_path=model, progress=lambda name: bar.update(1), k_codec=k_codec, v_codec=v_codec)
     finally:
         bar.close()
     if not quiet:
@@ -234,14 +238,18 @@ def demo(prompt_tokens, continue_tokens, codec, out_dir):
 @click.option("--continuation", type=int, default=256, show_default=True)
 @click.option("--chunks", type=int, default=3, show_default=True, help="Stretches of each text per prefix length.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval-results"), show_default=True)
+@click.option("--row", "rows", multiple=True, type=click.Choice(ROW_LABELS), help="Rows to measure (default: all).")
+@click.option("--add", is_flag=True, help="Add to the results already in --out (same run and row: replaced) and "
+              "rebuild the table and plot from all of them.")
 @friendly_errors
-def eval_(models, texts, prefixes, continuation, chunks, out):
+def eval_(models, texts, prefixes, continuation, chunks, out, rows, add):
     """The quality table: KL, PPL change and top-1 agreement vs f16 after save/restore, per codec."""
     import dataclasses
     import datetime
     import json as json_
 
-    from deltakv_runtime.evaluate import EvalConfig, markdown_table, plot, run_eval
+    from deltakv_runtime.eval_rows import CODEC_ROWS, REFERENCE_ROWS
+    from deltakv_runtime.evaluate import EvalConfig, load_results, markdown_table, plot, run_eval
     from deltakv_runtime.models import MODELS
     from deltakv_runtime.texts import TEXTS
 
@@ -254,18 +262,30 @@ def eval_(models, texts, prefixes, continuation, chunks, out):
         paths[name] = path
     config = EvalConfig(models=paths, texts={t: TEXTS[t]() for t in (texts or ("prose", "code"))},
                         prefixes=list(prefixes) or [512, 1024, 2048, 4096], continuation=continuation, chunks=chunks)
+    if rows:
+        config.codec_rows = [r for r in CODEC_ROWS if r[0] in rows]
+        config.reference_rows = [r for r in REFERENCE_ROWS if r in rows]
     out.mkdir(parents=True, exist_ok=True)
+    earlier = load_results(out / "results.json") if add and (out / "results.json").exists() else []
+
+    def key(r):
+        return r.model, r.text, r.prefix, r.chunk, r.row
 
     def save_results(results):  # after every run: a long evaluation keeps what it measured
+        new = {key(r) for r in results}
         partial = out / "results.json.partial"
-        partial.write_text(json_.dumps([dataclasses.asdict(r) for r in results], indent=1))
+        merged = [r for r in earlier if key(r) not in new] + results
+        partial.write_text(json_.dumps([dataclasses.asdict(r) for r in merged], indent=1))
         partial.replace(out / "results.json")
+        return merged
 
-    results = run_eval(config, log=lambda m: click.echo(m, err=True), on_run=save_results)
-    save_results(results)
+    results = save_results(run_eval(config, log=lambda m: click.echo(m, err=True), on_run=save_results))
     table = markdown_table(results)
-    command = "deltakv eval " + " ".join(sys.argv[2:])
-    (out / "EVAL.md").write_text(f"Measured {datetime.date.today()} with `{command}`\n\n{table}\n")
+    command = f"{datetime.date.today()}: " + shlex.join(["deltakv", "eval", *sys.argv[2:]])
+    commands = (out / "commands.txt").read_text().splitlines() if add and (out / "commands.txt").exists() else []
+    (out / "commands.txt").write_text("\n".join(commands + [command]) + "\n")
+    measured = "\n".join(f"    {c}" for c in commands + [command])
+    (out / "EVAL.md").write_text(f"Measured with\n\n{measured}\n\n{table}\n")
     plot(results, out / "rate_distortion.png")
     click.echo(table)
 

@@ -1,0 +1,20 @@
+"""The rows of ``deltakv eval``'s table (here, apart, so that the CLI can list them without loading the codecs).
+
+A codec row is (label, codec, parameters): ``write_session``'s codec and its parameters, where
+``k_codec`` / ``v_codec`` give the K or V tracks another codec.
+"""
+
+CODEC_ROWS = [
+    ("raw", "raw", {}),
+    ("q8_0", "q8_0", {}),
+    ("q4_0", "q4_0", {}),
+    ("delta-q4_0 kf16", "delta-q4_0", {"keyframe_interval": 16}),
+    ("delta-q4_0 kf32", "delta-q4_0", {"keyframe_interval": 32}),
+    ("delta-q4_0 kf64", "delta-q4_0", {"keyframe_interval": 64}),
+    ("dkv-q4 kf32 (default)", "dkv-q4", {"keyframe_interval": 32}),
+    ("dkv-q4 kf64", "dkv-q4", {"keyframe_interval": 64}),
+    # per-role codecs (write_session k_codec): K carries most of the KL, V little
+    ("K q8_0 + V dkv-q4", "dkv-q4", {"k_codec": "q8_0"}),
+]
+REFERENCE_ROWS = ["llama.cpp cache q8_0", "llama.cpp cache q4_0", "f16 noise floor"]
+ROW_LABELS = [label for label, _, _ in CODEC_ROWS] + REFERENCE_ROWS
