@@ -13,7 +13,9 @@ CODEC_ROWS = [
     ("delta-q4_0 kf64", "delta-q4_0", {"keyframe_interval": 64}),
     ("dkv-q4 kf32 (default)", "dkv-q4", {"keyframe_interval": 32}),
     ("dkv-q4 kf64", "dkv-q4", {"keyframe_interval": 64}),
-    # per-role codecs (write_session k_codec): K carries most of the KL, V little
+    # per-role codecs (write_session k_codec / v_codec): which half of the cache the KL comes from
+    ("dkv-q4 on K only (V f16)", "dkv-q4", {"v_codec": "f16"}),
+    ("dkv-q4 on V only (K f16)", "dkv-q4", {"k_codec": "f16"}),
     ("K q8_0 + V dkv-q4", "dkv-q4", {"k_codec": "q8_0"}),
 ]
 REFERENCE_ROWS = ["llama.cpp cache q8_0", "llama.cpp cache q4_0", "f16 noise floor"]
