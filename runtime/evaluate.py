@@ -300,15 +300,20 @@ def plot(results: list[Measurement], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = [r for r in results if r.model == model]
-        for label in dict.fromkeys(r.row for r in rows):
+        order = [label for label, _, _ in CODEC_ROWS] + REFERENCE_ROWS
+        labels = [lab for lab in order if any(r.row == lab for r in rows)]
+        labels += sorted({r.row for r in rows} - set(labels))
+        colors = plt.cm.tab20(np.linspace(0, 1, 20))
+        per_role = {label for label, _, params in CODEC_ROWS if {"k_codec", "v_codec"} & set(params)}
+        for i, label in enumerate(labels):
             sel = [r for r in rows if r.row == label]
             bits = np.mean([r.bits_per_value for r in sel])
             kl = np.mean([r.kl for r in sel])
             sd = np.std([r.kl for r in sel])
-            style = "s" if label in REFERENCE_ROWS else "o"
+            style = "s" if label in REFERENCE_ROWS else ("D" if label in per_role else "o")
             if label == "raw":
                 continue  # KL 0 cannot sit on a log axis
-            ax.errorbar(bits, kl, yerr=sd, fmt=style, capsize=3, label=label)
+            ax.errorbar(bits, kl, yerr=sd, fmt=style, color=colors[i % 20], capsize=3, label=label)
         floor = [r.kl for r in rows if r.row == "f16 noise floor"]
         if floor:
             ax.axhline(np.mean(floor), color="gray", linestyle="--", linewidth=0.8)
