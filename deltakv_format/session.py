@@ -197,8 +197,9 @@ def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progre
     """Store ``state`` as a new .dkv at ``path`` (atomically) and return it opened.
 
     ``k_codec`` / ``v_codec`` override ``codec`` for the K or the V tracks (every track records its
-    own codec, SPEC.md section 3 `deltakv.track.codec`; later appends keep it). K matters more to the model than V, so e.g.
-    ``k_codec="q8_0"`` with the default for V buys q8_0-level quality at fewer bits than q8_0 for both.
+    own codec, ``deltakv.track.codec`` in SPEC.md section 3; later appends keep it). K matters more to
+    the model than V, so ``k_codec="q8_0"`` with the default for V gets q8_0-level quality at fewer
+    bits than q8_0 for both (eval/EVAL.md).
     ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
     ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
     """
