@@ -556,7 +556,7 @@ def _parse_bodies(
 
 
 def _candidates(
-    layouts: Sequence[BodyLayout], whole: bool, model: ModelInfo | None
+    layouts: Sequence[BodyLayout], whole: bool, model: ModelInfo | None, cell_ext_bytes: int | None = None
 ) -> list[tuple[_Candidate, list[list[list[int]]] | None]]:
     out = []
     if model is not None:
@@ -565,6 +565,8 @@ def _candidates(
     else:
         ext_options = (0, CELL_EXT_BYTES)
         v_options = (True, False)
+    if cell_ext_bytes is not None:
+        ext_options = tuple(e for e in ext_options if e == cell_ext_bytes)
     for layout in layouts:
         plans = None
         if model is not None:
@@ -598,12 +600,15 @@ def _as_memoryview(buf) -> memoryview:
     return mv
 
 
-def parse_state(buf, *, framing: Framing | None = None, model: ModelInfo | None = None) -> LlamaState:
+def parse_state(buf, *, framing: Framing | None = None, model: ModelInfo | None = None,
+                layout: BodyLayout | None = None, cell_ext_bytes: int | None = None) -> LlamaState:
     """Parse llama.cpp state bytes into a :class:`LlamaState` whose payloads are views into ``buf``.
 
     ``framing`` forces how the bytes are framed (otherwise detected from the magic numbers);
     ``model`` (from :meth:`ModelInfo.from_gguf`) fixes the number of KV caches, their layer
     counts and row sizes and the per-cell ext record, which removes the layout guesswork.
+    ``layout`` / ``cell_ext_bytes``, when known (an append knows them from the stored session),
+    skip trying the other layouts, each of which reads every cell record.
     """
     mv = _as_memoryview(buf)
     n = len(mv)
@@ -667,13 +672,19 @@ def parse_state(buf, *, framing: Framing | None = None, model: ModelInfo | None 
             # n_stream or cell_count. Try the likelier kind first; errors are reported for it.
             kinds = (True, False) if _looks_like_arch(mv) else (False, True)
 
+    if layout is not None:
+        if layout not in layouts:
+            raise UnsupportedVersionError(
+                f"expected a state of layout {BodyLayout(layout).value}; its framing allows only "
+                f"{', '.join(lay.value for lay in layouts)}", offset=0)
+        layouts = (layout,)
     results = []
     # (offset, candidate, error class, message): no exception objects are kept, so that no
     # traceback cycle pins views of ``buf`` (an mmap cannot close while views exist).
     first_failures: list[tuple[int, _Candidate, type, str]] = []
     for i, whole in enumerate(kinds):
         failures = first_failures if i == 0 else []
-        for cand, plans in _candidates(layouts, whole, model):
+        for cand, plans in _candidates(layouts, whole, model, cell_ext_bytes):
             _parse_bodies(mv, body_start, cand, model, plans, results, failures)
 
     if not results:

@@ -40,11 +40,16 @@ TENSOR_LAST_LOGITS = "runtime.last_logits"
 class DeltaKVCache(BaseLlamaCache):
     """A llama-cpp-python prompt cache of .dkv files in ``directory``, at most ``capacity_bytes`` on disk."""
 
-    def __init__(self, directory, capacity_bytes: int = 2 << 30, codec: str = DEFAULT_CODEC):
+    def __init__(self, directory, capacity_bytes: int = 2 << 30, codec: str = DEFAULT_CODEC, *,
+                 k_codec: str | None = None, v_codec: str | None = None):
+        """``codec`` codes the cached states; ``k_codec`` / ``v_codec`` give K or V another one
+        (``k_codec="q8_0"``: q8_0-level quality at 0.42 of f16, eval/EVAL.md)."""
         super().__init__(capacity_bytes)
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.codec = get_codec(codec)
+        self.k_codec = get_codec(k_codec) if k_codec else None
+        self.v_codec = get_codec(v_codec) if v_codec else None
         self._entries: OrderedDict[tuple[int, ...], Path] = OrderedDict()  # least recently used first
         self._scan()
 
@@ -126,7 +131,8 @@ class DeltaKVCache(BaseLlamaCache):
         ]
         if len(ids) == 0 or last.size == 0:
             extra_tensors = [t for t in extra_tensors if t.shape[0]]
-        write_session(state, path, self.codec, extra_kvs=extra_kvs, extra_tensors=extra_tensors).close()
+        write_session(state, path, self.codec, k_codec=self.k_codec, v_codec=self.v_codec,
+                      extra_kvs=extra_kvs, extra_tensors=extra_tensors).close()
         self._entries.pop(key, None)
         self._entries[key] = path
         while self.cache_size > self.capacity_bytes and len(self._entries) > 1:

@@ -100,9 +100,15 @@ def set_seq_state_bytes(llm, blob: bytes, seq_id: int = 0) -> int:
     return lc.llama_state_seq_set_data(llm.ctx, src, len(blob), seq_id)
 
 
-def live_state(llm, seq_id: int = 0) -> LlamaState:
-    """The live sequence as a ggsq-framed state carrying the context's tokens."""
-    state = parse_state(seq_state_bytes(llm, seq_id), framing=Framing.SEQ_STATE)
+def live_state(llm, seq_id: int = 0, *, like: DkvSession | None = None) -> LlamaState:
+    """The live sequence as a ggsq-framed state carrying the context's tokens.
+
+    ``like``: a session saved from this context; its layout spares parsing the copy once per
+    candidate layout (an extend should cost the new tokens, not the session)."""
+    hints = {}
+    if like is not None and len(set(like.stream_ext)) == 1:
+        hints = {"layout": like.layout, "cell_ext_bytes": like.stream_ext[0]}
+    state = parse_state(seq_state_bytes(llm, seq_id), framing=Framing.SEQ_STATE, **hints)
     tokens = np.ascontiguousarray(llm.input_ids[: llm.n_tokens], dtype="<i4")
     return replace(
         state, framing=Framing.SEQUENCE_FILE, file_version=file_version_for(state.layout, Framing.SEQUENCE_FILE),
@@ -190,11 +196,12 @@ def extend(llm, path, *, seq_id: int = 0) -> dict:
     with DkvSession(path) as session:
         _check_fits(llm, session)
         stored = session.tokens()
-    live = np.asarray(llm.input_ids[: llm.n_tokens], dtype=np.int32)
-    if stored is None or len(stored) > len(live) or not np.array_equal(live[: len(stored)], stored):
-        raise SessionMismatchError(
-            f"the {0 if stored is None else len(stored)} tokens stored in {path} are not a prefix of the "
-            f"context's {len(live)} tokens; save it anew instead"
-        )
+        live = np.asarray(llm.input_ids[: llm.n_tokens], dtype=np.int32)
+        if stored is None or len(stored) > len(live) or not np.array_equal(live[: len(stored)], stored):
+            raise SessionMismatchError(
+                f"the {0 if stored is None else len(stored)} tokens stored in {path} are not a prefix of the "
+                f"context's {len(live)} tokens; save it anew instead"
+            )
+        state = live_state(llm, seq_id, like=session)
     with accelerated():
-        return append_session(path, live_state(llm, seq_id))
+        return append_session(path, state)

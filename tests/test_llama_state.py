@@ -99,6 +99,21 @@ def test_round_trip_byte_exact(name):
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_layout_hints_give_the_same_state(name):
+    # extend passes the stored session's layout and cell ext size so as not to probe every candidate
+    data = fixture_bytes(name)
+    state = parse_state(data)
+    ext = {st.cell_ext_bytes for sec in state.kv_sections for st in sec.streams}
+    hinted = parse_state(data, layout=state.layout, cell_ext_bytes=ext.pop() if len(ext) == 1 else None)
+    assert hinted.layout == state.layout and write_state(hinted) == data
+
+
+def test_a_layout_hint_the_framing_cannot_have_is_refused():
+    with pytest.raises(UnsupportedVersionError, match="expected a state of layout v9-outputs; its framing allows only v11"):
+        parse_state(fixture_bytes("smollm2_v11_fa1.ggsq"), layout=BodyLayout.V9_OUTPUTS)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_round_trip_from_mmap_is_zero_copy(name, tmp_path):
     with open(FIXTURES / name, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         state = parse_state(mm)

@@ -164,12 +164,16 @@ def test_prompt_cache_evicts_least_recently_used(tmp_path):
     from deltakv_runtime import DeltaKVCache
 
     llm = make_llama()
-    cache = DeltaKVCache(tmp_path, capacity_bytes=1)  # keeps only the newest entry
+    cache = DeltaKVCache(tmp_path, capacity_bytes=1, k_codec="q8_0")  # keeps only the newest entry
     for n in (50, 80, 120):
         llm.reset()
         llm.eval(prompt_tokens(llm, n))
         cache[prompt_tokens(llm, n)] = llm.save_state()
-    assert len(list(tmp_path.glob("*.dkv"))) == 1
+    files = list(tmp_path.glob("*.dkv"))
+    assert len(files) == 1
+    with DkvSession(files[0]) as s:
+        assert {t.codec.name for t in s.tracks if t.name.endswith(".k")} == {"q8_0"}
+        assert {t.codec.name for t in s.tracks if t.name.endswith(".v")} == {"dkv-q4"}
     state = cache[prompt_tokens(llm, 130)]
     assert state.n_tokens == 120
     assert state.scores.shape[0] >= 1
