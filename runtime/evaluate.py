@@ -281,7 +281,29 @@ def markdown_table(results: list[Measurement]) -> str:
                 cells.append(f"{np.mean(sel):.4f}" if sel else "-")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _paired_table(model, rows, present, PAIRED_BASELINE)
     return "\n".join(lines)
+
+
+PAIRED_BASELINE = "llama.cpp cache q8_0"
+
+
+def _paired_table(model: str, rows: list[Measurement], labels: list[str], baseline: str) -> list[str]:
+    """Each row's KL minus the baseline's in the same run: the run-to-run spread (some stretches of
+    text are harder than others for every codec) cancels, so smaller differences are resolved."""
+    by_run: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        by_run.setdefault((r.text, r.prefix, r.chunk), {})[r.row] = r.kl
+    lines = [f"KL minus {baseline}'s, paired by run ({model}): mean, 95% CI of the mean, runs above it", "",
+             "| codec | KL - baseline | 95% CI | runs above |", "|---|---|---|---|"]
+    for label in labels:
+        diffs = np.array([v[label] - v[baseline] for v in by_run.values() if label in v and baseline in v])
+        if label == baseline or len(diffs) < 2:
+            continue
+        half = 1.96 * diffs.std(ddof=1) / math.sqrt(len(diffs))
+        lines.append(f"| {label} | {diffs.mean():+.4f} | {diffs.mean() - half:+.4f} .. {diffs.mean() + half:+.4f} | "
+                     f"{int((diffs > 0).sum())} of {len(diffs)} |")
+    return lines + [""]
 
 
 def load_results(path: Path) -> list[Measurement]:
