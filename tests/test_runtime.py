@@ -223,3 +223,31 @@ def test_kill_during_write_leaves_old_or_new_snapshot(tmp_path, operation):
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
         for name in leftovers:  # a killed writer's temp file is never the session itself
             (tmp_path / name).unlink()
+
+
+def test_eval_writes_the_table_and_merges_added_rows(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from deltakv_tools.cli import main
+
+    common = ["eval", "--model", "smollm2", "--text", "prose", "--prefix", "64", "--continuation", "16",
+              "--chunks", "2", "--out", str(tmp_path)]
+    rows = ["raw", "q4_0", "llama.cpp cache q8_0", "f16 noise floor"]
+    r = CliRunner().invoke(main, common + [a for row in rows for a in ("--row", row)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted({x["row"] for x in results}) == sorted(rows) and len(results) == 2 * len(rows)
+    assert all(x["kl"] == 0 and x["top1"] == 1 for x in results if x["row"] == "raw")
+    assert all(x["kl"] > 0 for x in results if x["row"] == "q4_0")
+    r = CliRunner().invoke(main, common + ["--add", "--row", "K q8_0 + V dkv-q4"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 2 * (len(rows) + 1)
+    per_role = [x for x in results if x["row"] == "K q8_0 + V dkv-q4"]
+    assert all(6 < x["bits_per_value"] < 7 for x in per_role)
+    table = (tmp_path / "EVAL.md").read_text()
+    assert "| K q8_0 + V dkv-q4 | 6." in table and "paired by run (smollm2)" in table
+    assert table.count("deltakv eval") == 2  # both commands are listed
+    assert (tmp_path / "rate_distortion.png").stat().st_size > 10_000
