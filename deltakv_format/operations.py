@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import get_codec
-from .constants import CODEC_DELTA_Q4_0, CODEC_DKV_Q4, FLOAT_TYPES, GGMLType, ggml_row_bytes
-from .container import DkvFile, replacing_file
+from .constants import CODEC_DELTA_Q4_0, CODEC_DKV_Q4, FLOAT_TYPES, GGMLType
+from .container import replacing_file
 from .errors import CodecError, DeltaKVError
 from .session import DkvSession, write_session
-from .state_model import Framing, KVCacheSection, LlamaState, OpaqueSection
+from .state_model import Framing, LlamaState, OpaqueSection
 
 DKV_MAGIC = b"GGUF"
 

@@ -168,7 +168,6 @@ def load(llm, path, *, seq_id: int = 0) -> int:
     On a mismatch (another model, a smaller n_ctx, another KV type) raises SessionMismatchError
     and leaves the context as it was; if llama.cpp itself refuses the state, the sequence is empty.
     """
-    lc = _llama_cpp()
     with DkvSession(path) as session:
         _check_fits(llm, session)
         tokens = session.tokens()

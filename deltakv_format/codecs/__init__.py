@@ -105,9 +105,9 @@ def _dispatched(method):
             ggml_type, n_values = args[1], args[2]
         if not self.accepts(ggml_type, n_values):
             # a kernel given a shape it was not written for would produce garbage, not an error
+            type_name = GGMLType(ggml_type).name if ggml_type in set(GGMLType) else str(ggml_type)
             raise CodecError(f"codec {self.name} (rotation {self.rotation}) cannot take rows of {n_values} "
-                             f"values of type {GGMLType(ggml_type).name if ggml_type in GGMLType._value2member_map_ else ggml_type}; "
-                             "use codec_for_track() to pick one that can")
+                             f"values of type {type_name}; use codec_for_track() to pick one that can")
         accelerator = _ACCELERATOR
         with _KERNEL_LOCK:
             if accelerator is None or self.name == CODEC_RAW:
