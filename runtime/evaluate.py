@@ -240,10 +240,21 @@ def _agg(values) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def _ci95_half_width(values) -> float:
+    """Half the 95% confidence interval of the mean (normal approximation)."""
+    return 1.96 * _agg(values)[1] / math.sqrt(len(values))
+
+
+def _row_labels(rows: list[Measurement]) -> list[str]:
+    """The rows present, in table order (codec rows, then reference rows, then any others)."""
+    order = [label for label, _, _ in CODEC_ROWS] + REFERENCE_ROWS
+    labels = [lab for lab in order if any(r.row == lab for r in rows)]
+    return labels + sorted({r.row for r in rows} - set(labels))
+
+
 def markdown_table(results: list[Measurement]) -> str:
     """One table per model: rows = codecs, mean +- standard deviation over every prefix and chunk."""
     lines = []
-    order = [label for label, _, _ in CODEC_ROWS] + REFERENCE_ROWS
     for model in dict.fromkeys(r.model for r in results):
         rows = [r for r in results if r.model == model]
         texts = sorted({r.text for r in rows})
@@ -256,8 +267,7 @@ def markdown_table(results: list[Measurement]) -> str:
         lines.append("| codec | bits/value | .dkv / f16 | KL vs f16 (± sd) | KL 95% CI of the mean | PPL change | "
                      "top-1 agreement |")
         lines.append("|---|---|---|---|---|---|---|")
-        present = [lab for lab in order if any(r.row == lab for r in rows)]
-        present += sorted({r.row for r in rows} - set(present))
+        present = _row_labels(rows)
         for label in present:
             sel = [r for r in rows if r.row == label]
             bits = np.mean([r.bits_per_value for r in sel])
@@ -265,7 +275,7 @@ def markdown_table(results: list[Measurement]) -> str:
             kl, kl_sd = _agg([r.kl for r in sel])
             dppl, dppl_sd = _agg([100 * (r.ppl / r.ppl_ref - 1) for r in sel])
             top1, top1_sd = _agg([100 * r.top1 for r in sel])
-            half = 1.96 * kl_sd / math.sqrt(len(sel))
+            half = _ci95_half_width([r.kl for r in sel])
             lines.append(f"| {label} | {bits:.2f} | {ratio:.3f} | {kl:.4f} ± {kl_sd:.4f} | {kl - half:.4f} .. {kl + half:.4f} | "
                          f"{dppl:+.2f}% ± {dppl_sd:.2f} | "
                          f"{top1:.1f}% ± {top1_sd:.1f} |")
@@ -300,7 +310,7 @@ def _paired_table(model: str, rows: list[Measurement], labels: list[str], baseli
         diffs = np.array([v[label] - v[baseline] for v in by_run.values() if label in v and baseline in v])
         if label == baseline or len(diffs) < 2:
             continue
-        half = 1.96 * diffs.std(ddof=1) / math.sqrt(len(diffs))
+        half = _ci95_half_width(diffs)
         lines.append(f"| {label} | {diffs.mean():+.4f} | {diffs.mean() - half:+.4f} .. {diffs.mean() + half:+.4f} | "
                      f"{int((diffs > 0).sum())} of {len(diffs)} |")
     return lines + [""]
@@ -322,9 +332,7 @@ def plot(results: list[Measurement], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = [r for r in results if r.model == model]
-        order = [label for label, _, _ in CODEC_ROWS] + REFERENCE_ROWS
-        labels = [lab for lab in order if any(r.row == lab for r in rows)]
-        labels += sorted({r.row for r in rows} - set(labels))
+        labels = _row_labels(rows)
         colors = plt.cm.tab20(np.linspace(0, 1, 20))
         per_role = {label for label, _, params in CODEC_ROWS if {"k_codec", "v_codec"} & set(params)}
         for i, label in enumerate(labels):

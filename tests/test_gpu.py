@@ -12,7 +12,6 @@ NaNs agree. Encoders never produce such streams (they reject non-finite input).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import pytest
 from deltakv_format import reference
 from deltakv_format.codecs import BITS_DTYPE, Codec, get_codec
 from deltakv_format.constants import GGMLType
+
+from .test_vectors import load as load_vector
 
 pytestmark = pytest.mark.gpu
 
@@ -135,24 +136,11 @@ def _vector_names():
     return sorted(p.name for p in VECTORS.glob("*.json"))
 
 
-def _load_vector(name):
-    v = json.loads((VECTORS / name).read_text())
-    bits = {"F16": np.uint16, "BF16": np.uint16, "F32": np.uint32}
-    ggml_type = GGMLType[v["source_type"]]
-    rows = np.frombuffer(bytes.fromhex(v["input_hex"]), bits[v["source_type"]]).reshape(v["rows"], v["values_per_row"])
-    parts = {}
-    for role, p in v["parts"].items():
-        raw = np.frombuffer(bytes.fromhex(p["hex"]), bits.get(p["ggml_type"], np.uint8))
-        parts[role] = raw.reshape(p["rows"], -1) if p["rows"] else raw.reshape(0, 1)
-    decoded = np.frombuffer(bytes.fromhex(v["decoded_hex"]), bits[v["source_type"]]).reshape(v["rows"], -1)
-    return v, ggml_type, rows, parts, decoded
-
-
 @pytest.mark.parametrize("name", _vector_names() or ["(no vectors)"])
 def test_golden_vector(name, vpl):
     if not (VECTORS / name).exists():
         pytest.skip("spec/vectors holds no vectors")
-    v, ggml_type, rows, parts, decoded = _load_vector(name)
+    v, ggml_type, rows, parts, decoded = load_vector(name)
     cfg = v["codec"]
     if cfg["codec"] == "raw":
         pytest.skip("raw is a byte copy; no kernel")

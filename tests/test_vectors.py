@@ -29,7 +29,7 @@ def load(name):
     for role, p in v["parts"].items():
         raw = np.frombuffer(bytes.fromhex(p["hex"]), PART_DTYPES.get(p["ggml_type"], np.uint8))
         parts[role] = raw.reshape(p["rows"], -1) if p["rows"] else raw.reshape(0, 1)
-    decoded = np.frombuffer(bytes.fromhex(v["decoded_hex"]), BITS[v["source_type"]] if v["codec"]["codec"] != "raw" else BITS[v["source_type"]])
+    decoded = np.frombuffer(bytes.fromhex(v["decoded_hex"]), BITS[v["source_type"]])
     return v, ggml_type, rows, parts, decoded.reshape(v["rows"], -1)
 
 

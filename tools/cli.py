@@ -248,6 +248,7 @@ def eval_(models, texts, prefixes, continuation, chunks, out, rows, add):
     import datetime
     import json as json_
 
+    from deltakv_format.operations import atomic_write
     from deltakv_runtime.eval_rows import CODEC_ROWS, REFERENCE_ROWS
     from deltakv_runtime.evaluate import EvalConfig, load_results, markdown_table, plot, run_eval
     from deltakv_runtime.models import MODELS
@@ -273,10 +274,8 @@ def eval_(models, texts, prefixes, continuation, chunks, out, rows, add):
 
     def save_results(results):  # after every run: a long evaluation keeps what it measured
         new = {key(r) for r in results}
-        partial = out / "results.json.partial"
         merged = [r for r in earlier if key(r) not in new] + results
-        partial.write_text(json_.dumps([dataclasses.asdict(r) for r in merged], indent=1))
-        partial.replace(out / "results.json")
+        atomic_write(out / "results.json", [json_.dumps([dataclasses.asdict(r) for r in merged], indent=1).encode()])
         return merged
 
     results = save_results(run_eval(config, log=lambda m: click.echo(m, err=True), on_run=save_results))
