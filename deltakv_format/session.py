@@ -76,6 +76,34 @@ def cell_record_ends(cells, count: int, ext_bytes: int) -> np.ndarray:
     return ends
 
 
+def owned_spans(seg_first_row, seg_rows, stream: int) -> list[tuple[int, int, int]]:
+    """(segment, first row, end row) of the rows of ``stream`` each segment still owns, in row order.
+
+    A segment owns every row from its first on (SPEC.md 3.2): earlier ones keep what is before."""
+    spans = []
+    for s in range(len(seg_rows)):
+        rows = int(seg_rows[s][stream])
+        if not rows:
+            continue
+        first = int(seg_first_row[s][stream])
+        spans = [(seg, lo, min(hi, first)) for seg, lo, hi in spans]
+        spans.append((s, first, first + rows))
+    return [sp for sp in spans if sp[2] > sp[1]]
+
+
+def assemble_cells(spans, records_of_segment, ext_bytes: int, stream: int) -> bytes:
+    """The cell records of a stream from its owned ``spans``; ``records_of_segment(s)`` gives the
+    record bytes segment ``s`` stores and how many records they are."""
+    out = []
+    for s, first, end in spans:
+        raw, rows = records_of_segment(s)
+        ends = cell_record_ends(raw, rows, ext_bytes)
+        if len(ends) and ends[-1] != len(raw):
+            raise CorruptError(f"cell records of stream {stream} segment {s} have {len(raw) - ends[-1]} extra bytes")
+        out.append(bytes(raw[:ends[end - first - 1]]) if end > first else b"")
+    return b"".join(out)
+
+
 def _streams(state: LlamaState) -> list[tuple[int, KVStream]]:
     return [(i, st) for i, sec in enumerate(state.sections) if isinstance(sec, KVCacheSection) for st in sec.streams]
 
@@ -130,13 +158,17 @@ class _SessionBuilder:
                 self.add(track.part_name(segment, part.role), part.ggml_type, parts[part.role], part.n_values)
 
 
-def _plan_tracks(state: LlamaState, codec_of_role: dict[str, Codec]) -> list[Track]:
+def _plan_tracks(state: LlamaState, codec_of_role: dict[str, Codec], track_codecs: list[Codec] | None = None) -> list[Track]:
+    """One track per layer K/V of every stream; ``track_codecs`` (a rewrite of a stored session)
+    gives each track the codec it already had."""
     tracks = []
     for g, (_, stream) in enumerate(_streams(state)):
         for suffix, t in _stream_tracks(stream):
             n_values = t.n_values if t.is_float else t.row_bytes
             codec = codec_of_role[suffix[-1]]
             chosen = codec_for_track(codec, t.ggml_type, t.n_values) if t.is_float else get_codec("raw")
+            if track_codecs is not None:
+                chosen = track_codecs[len(tracks)]
             tracks.append(Track(len(tracks), f"s{g}.{suffix}", g, t.ggml_type, n_values, t.transposed, chosen))
     return tracks
 
@@ -193,7 +225,8 @@ def _session_kvs(state: LlamaState, codec: Codec, tracks: list[Track], seg_first
 
 def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progress=None, *,
                   k_codec: Codec | str | None = None, v_codec: Codec | str | None = None,
-                  extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = ()) -> "DkvSession":
+                  extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = (),
+                  track_codecs: list[Codec] | None = None) -> "DkvSession":
     """Store ``state`` as a new .dkv at ``path`` (atomically) and return it opened.
 
     ``k_codec`` / ``v_codec`` override ``codec`` for the K or the V tracks (every track records its
@@ -206,7 +239,7 @@ def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progre
     codec = get_codec(codec) if isinstance(codec, str) else codec
     codec_of_role = {role: get_codec(c) if isinstance(c, str) else (c or codec)
                      for role, c in (("k", k_codec), ("v", v_codec))}
-    tracks = _plan_tracks(state, codec_of_role)
+    tracks = _plan_tracks(state, codec_of_role, track_codecs)
     builder = _SessionBuilder()
     tokens = state.tokens()
     if state.token_words is not None and tokens is None:
@@ -477,16 +510,7 @@ class DkvSession:
 
     def _owned(self, stream: int) -> list[tuple[int, int, int]]:
         """(segment, first row, end row) of the rows each segment still owns."""
-        spans = []
-        for s in range(self.n_segments):
-            rows = int(self.seg_rows[s, stream])
-            if not rows:
-                continue
-            first = int(self.seg_first_row[s, stream])
-            # A segment owns every row from its first on (SPEC.md 3.2): earlier ones keep what is before.
-            spans = [(seg, lo, min(hi, first)) for seg, lo, hi in spans]
-            spans.append((s, first, first + rows))
-        return [sp for sp in spans if sp[2] > sp[1]]
+        return owned_spans(self.seg_first_row, self.seg_rows, stream)
 
     def rows(self, track: Track | str, row_lo: int = 0, row_hi: int | None = None, out=None) -> np.ndarray:
         """Decode rows [row_lo, row_hi) of a track: token-major element bits (or raw row bytes)."""
@@ -507,15 +531,15 @@ class DkvSession:
             return np.empty((0, track.n_values), element_view_dtype(track.ggml_type))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def segment_cells(self, stream: int, segment: int) -> np.ndarray:
+        """The cell records segment ``segment`` stores for ``stream`` (bytes; empty if none)."""
+        name = f"s{stream}.cells.{segment}"
+        return self.file.tensor(name).reshape(-1) if self.file.has_tensor(name) else np.empty(0, np.uint8)
+
     def cells(self, stream: int) -> bytes:
-        out = []
-        for s, first, end in self._owned(stream):
-            raw = self.file.tensor(f"s{stream}.cells.{s}").reshape(-1) if self.file.has_tensor(f"s{stream}.cells.{s}") else np.empty(0, np.uint8)
-            ends = cell_record_ends(raw, int(self.seg_rows[s, stream]), self.stream_ext[stream])
-            if len(ends) and ends[-1] != len(raw):
-                raise CorruptError(f"cell records of stream {stream} segment {s} have {len(raw) - ends[-1]} extra bytes")
-            out.append(raw[:ends[end - first - 1]].tobytes() if end > first else b"")
-        return b"".join(out)
+        """The stream's cell records in row order, as the snapshot holds them."""
+        return assemble_cells(self._owned(stream), lambda s: (self.segment_cells(stream, s), int(self.seg_rows[s, stream])),
+                              self.stream_ext[stream], stream)
 
     def to_llama_state(self) -> LlamaState:
         """Decode everything and rebuild the llama.cpp state it came from."""
@@ -615,84 +639,203 @@ class DkvSession:
         self.close()
 
 
-def append_session(path, state: LlamaState, progress=None) -> dict:
-    """Extend the session at ``path`` with the rows ``state`` has beyond it.
+def first_differing_cell(old_cells, old_ends: np.ndarray, live_cells, live_count: int) -> int:
+    """How many leading cell records the stored and the live stream have in common.
 
-    ``state`` must be a newer state of the same context: same structure, and the stored
-    tokens and cells a prefix of its own. Writes the new rows and re-encodes the last
-    partial keyframe chunk from ``state``'s exact values; O(new rows).
+    Records are compared as bytes (position, sequence ids, ext record), in the cache's order; a
+    record wholly before the first differing byte is equal in both, since a record's length follows
+    from its own bytes."""
+    n = min(len(old_ends), live_count)
+    if n == 0:
+        return 0
+    a, b = np.frombuffer(old_cells, np.uint8), np.frombuffer(live_cells, np.uint8)
+    m = min(len(a), len(b))
+    diff = np.flatnonzero(a[:m] != b[:m])
+    first_byte = int(diff[0]) if diff.size else m
+    return min(int(np.searchsorted(old_ends, first_byte, side="right")), n)
+
+
+def _row_bytes(t: Track) -> int:
+    from .constants import ggml_row_bytes
+
+    return ggml_row_bytes(t.ggml_type, t.n_values) if t.ggml_type in FLOAT_TYPES else t.n_values
+
+
+def _check_same_structure(old: DkvSession, state: LlamaState, by_stream: dict[int, list[Track]]) -> None:
+    """The live state must be the stored session's context: same sections, streams, layers, types."""
+    streams = _streams(state)
+    kinds = ["kv" if isinstance(s, KVCacheSection) else "opaque" for s in state.sections]
+    if kinds != old.section_kind:
+        raise SessionMismatchError(f"the live state has sections {kinds}, the stored session {old.section_kind}")
+    if len(streams) != len(old.stream_cells):
+        raise SessionMismatchError(f"the live state has {len(streams)} KV streams, the stored session {len(old.stream_cells)}")
+    for g, (_, stream) in enumerate(streams):
+        stored, live = by_stream.get(g, []), _stream_tracks(stream)
+        if stream.cell_count and old.stream_cells[g] and len(live) != len(stored):
+            raise SessionMismatchError(f"stream {g}: the live state has {len(stream.k)} K and {len(stream.v)} V layers, "
+                                       f"the stored session {old.stream_n_k[g]} and {old.stream_n_v[g]}")
+        for t, (_, kv) in zip(stored, live):
+            if (kv.n_values if kv.is_float else kv.row_bytes) != t.n_values:
+                raise SessionMismatchError(f"{t.name}: the live cache has rows of {kv.n_values} values, the stored one "
+                                           f"{t.n_values}")
+            if kv.ggml_type != t.ggml_type or kv.transposed != t.transposed:
+                raise SessionMismatchError(
+                    f"{t.name}: the live cache is {GGMLType(kv.ggml_type).name}{' transposed' if kv.transposed else ''}, "
+                    f"the stored one {GGMLType(t.ggml_type).name}{' transposed' if t.transposed else ''}")
+        if stream.cell_count and stream.cell_ext_bytes != old.stream_ext[g]:
+            raise SessionMismatchError(f"stream {g}: cell records carry {stream.cell_ext_bytes} ext bytes, "
+                                       f"the stored ones {old.stream_ext[g]}")
+
+
+def _rewrite_reason(old: DkvSession, state: LlamaState, by_stream) -> str | None:
+    """Why ``state`` cannot be stored as an append to ``old`` (None when it can)."""
+    for i, sec in enumerate(state.sections):
+        if not isinstance(sec, OpaqueSection):
+            continue
+        stored = old.file.tensor(f"section.{i}").tobytes() if old.file.has_tensor(f"section.{i}") else b""
+        if bytes(sec.data) != stored:
+            return f"section {i} ({sec.role}) changed"
+    token_format = "none" if state.token_words is None else ("plain" if state.tokens() is not None else "packed")
+    if token_format != old.token_format:
+        return f"the token field is {token_format}, the stored one {old.token_format}"
+    if token_format == "packed":
+        return "a packed (llama-server) token field is stored whole"
+    if token_format == "plain":
+        tokens, stored = state.tokens(), old.tokens()
+        if len(tokens) < len(stored) or not np.array_equal(tokens[:len(stored)], stored):
+            return "the stored tokens are not a prefix of the live ones"
+    for g, (_, stream) in enumerate(_streams(state)):
+        if old.stream_cells[g] and not stream.cell_count:
+            return f"stream {g} has no cells left"
+        if not old.stream_cells[g] and stream.cell_count and not old.stream_n_k[g] + old.stream_n_v[g]:
+            return f"stream {g} was empty when stored"
+        if old.stream_cells[g] and stream.cell_count and len(by_stream.get(g, [])) != len(_stream_tracks(stream)):
+            return f"stream {g} has another number of layers"
+    return None
+
+
+def rewrite_session(path, state: LlamaState, old: DkvSession) -> None:
+    """Store ``state`` anew at ``path`` with the codecs and application key-values of ``old``
+    (crash-safe: a new file renamed over the old one)."""
+    track_codecs = [t.codec for t in old.tracks] if len(old.tracks) == len(_plan_tracks(state, {"k": get_codec("raw"), "v": get_codec("raw")})) else None
+    by_role = {role: next((t.codec for t in old.tracks if t.name.endswith("." + role) and t.ggml_type in FLOAT_TYPES), None)
+               for role in ("k", "v")}
+    extra = [kv for key, kv in old.file.kvs.items() if key.startswith("deltakv.runtime.")]
+    write_session(state, path, get_codec(old.codec_name), k_codec=by_role["k"], v_codec=by_role["v"],
+                  extra_kvs=extra, track_codecs=track_codecs).close()
+
+
+def append_session(path, state: LlamaState, progress=None) -> dict:
+    """Bring the session at ``path`` up to ``state``, a newer state of the same context.
+
+    For each stream, the stored cell records are compared with the live ones (SPEC.md section 8):
+    rows from the first chunk that differs, or that holds the last stored row, are coded from
+    ``state``'s exact values into a new segment; rows before it stay. A stream that only grew costs
+    its new rows (plus one re-encoded chunk); a sliding-window stream whose window moved is
+    rewritten from the first cell that left it. Where no append can express the change (tokens
+    that are no longer a prefix, a stream emptied, changed opaque sections, or a file that
+    would hold more superseded rows than live ones) the whole file is rewritten.
+    Before the new header is committed, the cells the new snapshot rebuilds are checked against
+    ``state``'s; a mismatch raises and leaves the old snapshot.
+
+    Returns ``rows_added`` (rows written), ``tokens_added`` and ``rewritten`` (why, or None).
     """
+    rewrite = None
     with DkvSession(path) as old:
-        streams = _streams(state)
-        if len(streams) != len(old.stream_cells) or [type(s).__name__ for s in state.sections] != [
-            "KVCacheSection" if k == "kv" else "OpaqueSection" for k in old.section_kind
-        ]:
-            raise SessionMismatchError("the live state has another structure (sections or streams) than the stored session")
-        for i, sec in enumerate(state.sections):
-            if isinstance(sec, OpaqueSection):
-                stored = old.file.tensor(f"section.{i}").reshape(-1) if old.file.has_tensor(f"section.{i}") else np.empty(0, np.uint8)
-                if bytes(sec.data) != stored.tobytes():
-                    raise SessionMismatchError(f"section {i} ({sec.role}) changed; only attention KV caches can be extended")
-        tokens = state.tokens()
-        if old.token_format != ("none" if state.token_words is None else ("plain" if tokens is not None else "packed")):
-            raise SessionMismatchError("the live state frames its tokens differently from the stored session")
-        if old.token_format == "packed":
-            raise SessionMismatchError("a session with a packed (llama-server) token field cannot be extended; convert it anew")
-        old_tokens = old.tokens()
-        if tokens is not None:
-            if len(tokens) < len(old_tokens) or not np.array_equal(tokens[len(old_tokens) - min(len(old_tokens), 64):len(old_tokens)], old_tokens[-64:] if len(old_tokens) else old_tokens):
-                raise SessionMismatchError("the stored tokens are not a prefix of the live tokens")
-        tracks = old.tracks
         by_stream: dict[int, list[Track]] = {}
-        for t in tracks:
+        for t in old.tracks:
             by_stream.setdefault(t.stream, []).append(t)
-        segment = old.n_segments
-        builder = _SessionBuilder()
-        first_rows, rows_added, new_cells = [], [], []
-        for g, (_, stream) in enumerate(streams):
-            old_n = old.stream_cells[g]
-            pairs = list(zip(by_stream.get(g, []), _stream_tracks(stream)))
-            if len(pairs) != len(by_stream.get(g, [])) or len(_stream_tracks(stream)) != len(by_stream.get(g, [])):
-                raise SessionMismatchError(f"stream {g}: the live state has another number of layers")
-            for t, (_, kv) in pairs:
-                if kv.ggml_type != t.ggml_type or kv.transposed != t.transposed:
-                    raise SessionMismatchError(f"{t.name}: the live cache has type {GGMLType(kv.ggml_type).name}, the stored one {GGMLType(t.ggml_type).name}")
-            if stream.cell_count < old_n:
-                raise SessionMismatchError(f"stream {g}: the live state has {stream.cell_count} cells, fewer than the stored {old_n}")
-            if stream.cell_ext_bytes != old.stream_ext[g]:
-                raise SessionMismatchError(f"stream {g}: cell record layout differs")
-            first = old_n - old_n % _chunk_of(by_stream.get(g, [])) if stream.cell_count > old_n else old_n
-            ends = cell_record_ends(stream.cells, stream.cell_count, stream.cell_ext_bytes)
-            start_byte = int(ends[first - 1]) if first else 0
-            if stream.cell_count > old_n:
-                stored_tail = old.cells(g)[start_byte:]
-                live_tail = bytes(stream.cells[start_byte:int(ends[old_n - 1]) if old_n else 0])
-                if stored_tail != live_tail:
-                    raise SessionMismatchError(f"stream {g}: the stored cells are not a prefix of the live cells")
-                builder.add(f"s{g}.cells.{segment}", GGMLType.I8, np.frombuffer(stream.cells, np.uint8)[start_byte:])
-                for t, (_, kv) in pairs:
-                    builder.add_track_segment(t, segment, _track_rows(kv)[first:], t.name)
-                    if progress is not None:
-                        progress(t.name)
-                first_rows.append(first)
-                rows_added.append(stream.cell_count - first)
-            else:
-                first_rows.append(0)
-                rows_added.append(0)
-            new_cells.append(stream.cell_count)
-        n_new_tokens = 0 if tokens is None else len(tokens) - len(old_tokens)
-        if tokens is not None and n_new_tokens:
-            builder.add(f"tokens.{segment}", GGMLType.I32, tokens[len(old_tokens):])
-        if not any(rows_added) and not n_new_tokens:
-            return {"rows_added": 0, "tokens_added": 0}
-        seg_first_row = np.vstack([old.seg_first_row, [first_rows]]).reshape(-1).tolist()
-        seg_rows = np.vstack([old.seg_rows, [rows_added]]).reshape(-1).tolist()
-        codec = get_codec(old.codec_name)
-        kvs = _session_kvs(state, codec, tracks, seg_first_row, seg_rows, old.seg_first_token + [len(old_tokens) if tokens is not None else 0],
-                           old.seg_tokens + [n_new_tokens], new_cells)
-        kvs = [kv for kv in kvs if kv.key != "deltakv.codec"] + [KeyValue("deltakv.codec", STR, old.codec_name)]
-        ours = {kv.key for kv in kvs}
-        kvs += [kv for key, kv in old.file.kvs.items() if key not in ours and key.startswith("deltakv.runtime.")]
-        path = old.path
-    append_container(path, kvs, builder.tensors)
-    return {"rows_added": sum(rows_added), "tokens_added": n_new_tokens}
+        _check_same_structure(old, state, by_stream)
+        rewrite = _rewrite_reason(old, state, by_stream)
+        if rewrite is None:
+            result = _append_rows(old, state, by_stream, progress)
+            if result is None:
+                rewrite = "superseded rows would outweigh the live ones"
+        if rewrite is not None:
+            rewrite_session(path, state, old)  # renames over the file; ``old`` keeps its own mapping
+    if rewrite is not None:
+        tokens = state.tokens()
+        return {"rows_added": sum(st.cell_count for _, st in _streams(state)),
+                "tokens_added": 0 if tokens is None else len(tokens), "rewritten": rewrite}
+    kvs, tensors, summary = result
+    append_container(path, kvs, tensors)
+    return summary
+
+
+def _append_rows(old: DkvSession, state: LlamaState, by_stream, progress):
+    """The key-values and tensors of an append of ``state`` to ``old``, and its summary; None when
+    the file would then hold more superseded rows than live ones (the caller rewrites it)."""
+    streams = _streams(state)
+    segment = old.n_segments
+    builder = _SessionBuilder()
+    first_rows, rows_added, new_cells, new_cell_bytes = [], [], [], {}
+    for g, (_, stream) in enumerate(streams):
+        tracks = by_stream.get(g, [])
+        old_n, n = old.stream_cells[g], stream.cell_count
+        old_cells = old.cells(g)
+        old_ends = cell_record_ends(old_cells, old_n, old.stream_ext[g])
+        same = first_differing_cell(old_cells, old_ends, stream.cells, n)
+        new_cells.append(n)
+        if same == old_n == n:
+            first_rows.append(0)
+            rows_added.append(0)
+            continue
+        # Keep rows only up to the first differing cell, and never the last stored one: llama-cpp-python
+        # re-evaluates the last token after a load, so its row may have been recomputed since.
+        keep = min(same, old_n - 1) if old_n else 0
+        chunk = _chunk_of(tracks)
+        first = keep - keep % chunk
+        ends = cell_record_ends(stream.cells, n, stream.cell_ext_bytes)
+        start_byte = int(ends[first - 1]) if first else 0
+        cells = np.frombuffer(stream.cells, np.uint8)[start_byte:]
+        new_cell_bytes[g] = cells
+        builder.add(f"s{g}.cells.{segment}", GGMLType.I8, cells)
+        for t, (_, kv) in zip(tracks, _stream_tracks(stream)):
+            builder.add_track_segment(t, segment, _track_rows(kv)[first:], t.name)
+            if progress is not None:
+                progress(t.name)
+        first_rows.append(first)
+        rows_added.append(n - first)
+
+    seg_first_row = np.vstack([old.seg_first_row, [first_rows]])
+    seg_rows = np.vstack([old.seg_rows, [rows_added]])
+    _check_rebuilt_cells(old, streams, seg_first_row, seg_rows, segment, new_cell_bytes)
+
+    row_cost = [sum(_row_bytes(t) for t in by_stream.get(g, [])) for g in range(len(streams))]
+    held = sum(int(seg_rows[:, g].sum()) * row_cost[g] for g in range(len(streams)))
+    live = sum(new_cells[g] * row_cost[g] for g in range(len(streams)))
+    if held - live > live:
+        return None
+
+    tokens = state.tokens()
+    old_tokens = old.tokens()
+    n_new_tokens = 0 if tokens is None else len(tokens) - len(old_tokens)
+    if n_new_tokens:
+        builder.add(f"tokens.{segment}", GGMLType.I32, tokens[len(old_tokens):])
+    if not any(rows_added) and not n_new_tokens:
+        return [], [], {"rows_added": 0, "tokens_added": 0, "rewritten": None}
+    codec = get_codec(old.codec_name)
+    kvs = _session_kvs(state, codec, old.tracks, seg_first_row.reshape(-1).tolist(), seg_rows.reshape(-1).tolist(),
+                       old.seg_first_token + [old.n_tokens], old.seg_tokens + [n_new_tokens], new_cells)
+    kvs = [kv for kv in kvs if kv.key != "deltakv.codec"] + [KeyValue("deltakv.codec", STR, old.codec_name)]
+    ours = {kv.key for kv in kvs}
+    kvs += [kv for key, kv in old.file.kvs.items() if key not in ours and key.startswith("deltakv.runtime.")]
+    return kvs, builder.tensors, {"rows_added": sum(rows_added), "tokens_added": n_new_tokens, "rewritten": None}
+
+
+def _check_rebuilt_cells(old: DkvSession, streams, seg_first_row, seg_rows, segment: int, new_cell_bytes) -> None:
+    """The cells the new segment table rebuilds, from the stored segments and the new one, must be
+    the live state's, record for record (positions, sequence ids, order), before anything is committed."""
+    for g, (_, stream) in enumerate(streams):
+        def records(s, g=g):
+            if s == segment:
+                return new_cell_bytes.get(g, np.empty(0, np.uint8)), int(seg_rows[s, g])
+            return old.segment_cells(g, s), int(seg_rows[s, g])
+
+        spans = owned_spans(seg_first_row, seg_rows, g)
+        end = spans[-1][2] if spans else 0
+        rebuilt = assemble_cells(spans, records, old.stream_ext[g], g)
+        if end != stream.cell_count or rebuilt != bytes(stream.cells):
+            raise DeltaKVError(
+                f"stream {g}: the appended snapshot would rebuild {end} cells ({len(rebuilt)} bytes), the live state has "
+                f"{stream.cell_count} ({len(stream.cells)} bytes); nothing was written")

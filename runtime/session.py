@@ -19,16 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from deltakv_format.codecs import Codec, get_codec
-from deltakv_format.constants import DEFAULT_CODEC, GGMLType, GGUFValueType
+from deltakv_format.constants import DEFAULT_CODEC, FLOAT_TYPES, GGMLType, GGUFValueType
 from deltakv_format.errors import DeltaKVError, SessionMismatchError
 from deltakv_format.gguf_io import KeyValue
 from deltakv_format.llama_state import file_version_for, parse_state, write_state
-from deltakv_format.session import DkvSession, append_session, write_session
+from deltakv_format.model_info import ModelInfo
+from deltakv_format.session import DkvSession, append_session, cell_record_ends, write_session
 from deltakv_format.state_model import Framing, LlamaState
 
 KEY_MODEL_DESC = "deltakv.runtime.model_desc"
 KEY_N_VOCAB = "deltakv.runtime.n_vocab"
 KEY_N_EMBD = "deltakv.runtime.n_embd"
+KEY_SEQ_ID = "deltakv.runtime.seq_id"
 
 
 _GPU_CHECKED = None
@@ -100,53 +102,216 @@ def set_seq_state_bytes(llm, blob: bytes, seq_id: int = 0) -> int:
     return lc.llama_state_seq_set_data(llm.ctx, src, len(blob), seq_id)
 
 
-def live_state(llm, seq_id: int = 0, *, like: DkvSession | None = None) -> LlamaState:
-    """The live sequence as a ggsq-framed state carrying the context's tokens.
+def _check_seq_id(llm, seq_id: int) -> None:
+    n_seq = _llama_cpp().llama_n_seq_max(llm.ctx)
+    if not isinstance(seq_id, (int, np.integer)) or not 0 <= seq_id < n_seq:
+        raise SessionMismatchError(f"seq_id {seq_id!r}: this context has sequences 0..{n_seq - 1} (n_seq_max = {n_seq})")
 
-    ``like``: a session saved from this context; its layout spares parsing the copy once per
-    candidate layout (an extend should cost the new tokens, not the session)."""
+
+def _cell_positions(stream) -> np.ndarray:
+    """Positions of a stream's cells, in the cache's order."""
+    raw = np.frombuffer(stream.cells, np.uint8)
+    one_id = 12 + stream.cell_ext_bytes  # a sequence's own cells name one sequence id each
+    if len(raw) == stream.cell_count * one_id:
+        return raw.reshape(-1, one_id)[:, :4].copy().view("<i4").reshape(-1).astype(np.int64)
+    ends = cell_record_ends(stream.cells, stream.cell_count, stream.cell_ext_bytes)
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    return np.array([int.from_bytes(raw[s:s + 4].tobytes(), "little", signed=True) for s in starts], np.int64)
+
+
+def _tokens_from_cells(state: LlamaState) -> np.ndarray | None:
+    """The sequence's tokens from the cells' own token records (the 12-byte ext record of v10+
+    states: i32 x, i32 y, i32 tok), when its fullest stream covers positions 0..n-1 exactly once."""
+    streams = [st for sec in state.kv_sections for st in sec.streams if st.cell_count]
+    if not streams or streams[0].cell_ext_bytes != 12:
+        return None
+    stream = max(streams, key=lambda st: st.cell_count)
+    ends = cell_record_ends(stream.cells, stream.cell_count, 12)
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    raw = np.frombuffer(stream.cells, np.uint8)
+    pos = np.array([int.from_bytes(raw[s:s + 4].tobytes(), "little", signed=True) for s in starts])
+    tok = np.array([int.from_bytes(raw[s + 16:s + 20].tobytes(), "little", signed=True) for s in starts], np.int32)
+    order = np.argsort(pos, kind="stable")
+    if not np.array_equal(pos[order], np.arange(len(pos))):
+        return None
+    return tok[order]
+
+
+def live_state(llm, seq_id: int = 0, *, like: DkvSession | None = None, tokens=None) -> LlamaState:
+    """The live sequence ``seq_id`` as a ggsq-framed state carrying that sequence's tokens.
+
+    Tokens: ``tokens`` when given; for sequence 0, the ``Llama`` object's own (llama-cpp-python
+    evaluates into sequence 0 and tracks only it); otherwise the cells' token records where the
+    state has them. ``like``: a session saved from this context; its layout spares parsing the copy
+    once per candidate layout (an extend should cost the new tokens, not the session)."""
+    _check_seq_id(llm, seq_id)
     hints = {}
     if like is not None and len(set(like.stream_ext)) == 1:
         hints = {"layout": like.layout, "cell_ext_bytes": like.stream_ext[0]}
     state = parse_state(seq_state_bytes(llm, seq_id), framing=Framing.SEQ_STATE, **hints)
-    tokens = np.ascontiguousarray(llm.input_ids[: llm.n_tokens], dtype="<i4")
+    streams = [st for sec in state.kv_sections for st in sec.streams]
+    if not any(st.cell_count for st in streams):
+        raise DeltaKVError(f"sequence {seq_id} holds no cells: evaluate a prompt into it before saving")
+    if tokens is not None:
+        tokens = np.ascontiguousarray(np.asarray(tokens).reshape(-1), dtype="<i4")
+    elif seq_id == 0:
+        tokens = np.ascontiguousarray(llm.input_ids[: llm.n_tokens], dtype="<i4")
+    else:
+        tokens = _tokens_from_cells(state)
+        if tokens is None:
+            raise DeltaKVError(
+                f"the tokens of sequence {seq_id} are not known: llama-cpp-python's Llama tracks sequence 0 only, and "
+                f"this model's cells carry no token records; pass tokens=[...] (the sequence's token ids)")
+    top = max(int(_cell_positions(st).max()) for st in streams if st.cell_count)
+    if top >= len(tokens):
+        raise SessionMismatchError(f"sequence {seq_id} holds cells up to position {top}, but {len(tokens)} tokens "
+                                   f"were given for it: they cannot be its tokens")
     return replace(
         state, framing=Framing.SEQUENCE_FILE, file_version=file_version_for(state.layout, Framing.SEQUENCE_FILE),
         token_words=memoryview(tokens.tobytes()),
     )
 
 
-def _runtime_kvs(llm) -> list[KeyValue]:
+def _runtime_kvs(llm, seq_id: int) -> list[KeyValue]:
     return [
         KeyValue(KEY_MODEL_DESC, GGUFValueType.STRING, model_desc(llm)),
         KeyValue(KEY_N_VOCAB, GGUFValueType.UINT32, llm.n_vocab()),
         KeyValue(KEY_N_EMBD, GGUFValueType.UINT32, llm.n_embd()),
+        KeyValue(KEY_SEQ_ID, GGUFValueType.INT32, int(seq_id)),
     ]
 
 
-def save(llm, path, *, codec: Codec | str = DEFAULT_CODEC, seq_id: int = 0,
-         k_codec: Codec | str | None = None, v_codec: Codec | str | None = None) -> Path:
+def _resolve_codec(codec, what: str = "codec") -> Codec | None:
+    if codec is None:
+        return None
+    if isinstance(codec, str):
+        return get_codec(codec)
+    if isinstance(codec, Codec):
+        return codec
+    raise TypeError(f"{what}: expected a codec name such as {DEFAULT_CODEC!r} or a Codec, found {type(codec).__name__}")
+
+
+def save(llm, path, *, codec: Codec | str | None = DEFAULT_CODEC, seq_id: int = 0,
+         k_codec: Codec | str | None = None, v_codec: Codec | str | None = None, tokens=None) -> Path:
     """Write the live context's sequence ``seq_id`` to ``path`` as a .dkv (atomically).
 
-    ``k_codec`` / ``v_codec`` override ``codec`` for the K or V tracks (eval/EVAL.md: K q8_0 with
-    the default for V is the near-lossless choice); ``extend`` keeps each track's codec."""
-    if llm.n_tokens == 0:
+    ``codec=None`` is the default codec. ``k_codec`` / ``v_codec`` override ``codec`` for the K or V
+    tracks (eval/EVAL.md: K q8_0 with the default for V is the near-lossless choice); ``extend`` keeps
+    each track's codec. ``tokens``: the sequence's token ids, needed for a ``seq_id`` other than 0
+    (llama-cpp-python tracks sequence 0's tokens only) unless the cells carry them."""
+    codec = _resolve_codec(codec) or get_codec(DEFAULT_CODEC)
+    k_codec, v_codec = _resolve_codec(k_codec, "k_codec"), _resolve_codec(v_codec, "v_codec")
+    if seq_id == 0 and tokens is None and llm.n_tokens == 0:
         raise DeltaKVError("the context is empty: evaluate a prompt before saving")
-    codec = get_codec(codec) if isinstance(codec, str) else codec
-    state = live_state(llm, seq_id)
+    state = live_state(llm, seq_id, tokens=tokens)
     with accelerated():
-        write_session(state, path, codec, k_codec=k_codec, v_codec=v_codec, extra_kvs=_runtime_kvs(llm)).close()
+        write_session(state, path, codec, k_codec=k_codec, v_codec=v_codec,
+                      extra_kvs=_runtime_kvs(llm, seq_id)).close()
     return Path(path)
 
 
-def _check_fits(llm, session: DkvSession) -> None:
+_MODEL_INFO: dict[str, ModelInfo | None] = {}
+
+
+def _model_info(llm) -> ModelInfo | None:
+    path = getattr(llm, "model_path", None)
+    if path is None:
+        return None
+    if path not in _MODEL_INFO:
+        try:
+            _MODEL_INFO[path] = ModelInfo.from_gguf(path)
+        except (DeltaKVError, OSError, ValueError):
+            _MODEL_INFO[path] = None  # a model deltakv cannot read: llama.cpp's own checks remain
+    return _MODEL_INFO[path]
+
+
+def _expected_v_trans(llm) -> int | None:
+    """llama.cpp stores V transposed unless flash attention is on (None: decided at run time)."""
+    lc = _llama_cpp()
+    fa = int(llm.context_params.flash_attn_type)
+    return {int(lc.LLAMA_FLASH_ATTN_TYPE_ENABLED): 0, int(lc.LLAMA_FLASH_ATTN_TYPE_DISABLED): 1}.get(fa)
+
+
+def _session_caches(session: DkvSession) -> list[list[int]]:
+    """The streams of each KV section of a stored session, in order."""
+    return [[g for g, sec in enumerate(session.stream_section) if sec == i]
+            for i, kind in enumerate(session.section_kind) if kind == "kv"]
+
+
+def _check_layers(llm, session: DkvSession) -> None:
+    """The session's KV caches have the layers and row sizes this model's caches have."""
+    info = _model_info(llm)
+    if info is None:
+        return
+    caches = _session_caches(session)
+    tracks = {t.name: t for t in session.tracks}
+
+    def fits(plan) -> bool:
+        if len(plan) != len(caches):
+            return False
+        for layers, streams in zip(plan, caches):
+            for g in streams:
+                if not session.stream_cells[g]:
+                    continue
+                if session.stream_n_layer[g] >= 0 and session.stream_n_layer[g] != len(layers):
+                    return False
+                if session.stream_n_k[g] != len(layers):
+                    return False
+                for j, il in enumerate(layers):
+                    k = tracks[f"s{g}.l{j}.k"]
+                    if k.ggml_type in FLOAT_TYPES and k.n_values != info.n_embd_k_gqa(il):
+                        return False
+        return True
+
+    plans = info.kv_cache_layers(sequence=True)
+    if any(fits(plan) for plan in plans):
+        return
+    have = []
+    for streams in caches:
+        g = next((g for g in streams if session.stream_cells[g]), None)
+        if g is not None:
+            k0 = tracks.get(f"s{g}.l0.k")
+            have.append(f"{session.stream_n_k[g]} layers" + (f" of {k0.n_values}-value K rows" if k0 else ""))
+    want = [f"{len(layers)} layers" + (f" of {info.n_embd_k_gqa(layers[0])}-value K rows" if layers else "")
+            for layers in plans[0]]
+    raise SessionMismatchError(f"the session's KV caches hold {', '.join(have) or 'nothing'}; this model "
+                               f"({model_desc(llm)}) has {', '.join(want) or 'no KV cache'}")
+
+
+def _check_fits(llm, session: DkvSession, seq_id: int, live: LlamaState | None = None) -> LlamaState:
+    """Everything llama.cpp would refuse, or take and get wrong, checked before it is asked; returns
+    the live sequence's own state (the structure of this context's caches)."""
+    _check_seq_id(llm, seq_id)
     desc = session.file.value(KEY_MODEL_DESC, None)
     if desc is not None and desc != model_desc(llm):
         raise SessionMismatchError(f"the session was saved with model {desc!r}; this context runs {model_desc(llm)!r}")
-    for key, live in ((KEY_N_VOCAB, llm.n_vocab()), (KEY_N_EMBD, llm.n_embd())):
+    for key, value in ((KEY_N_VOCAB, llm.n_vocab()), (KEY_N_EMBD, llm.n_embd())):
         stored = session.file.value(key, None)
-        if stored is not None and stored != live:
-            raise SessionMismatchError(f"{key}: the session has {stored}, this model {live}")
+        if stored is not None and stored != value:
+            raise SessionMismatchError(f"{key}: the session has {stored}, this model {value}")
+    if live is None:
+        live = parse_state(seq_state_bytes(llm, seq_id), framing=Framing.SEQ_STATE)
+    live_caches = [len(sec.streams) for sec in live.kv_sections]
+    stored_caches = [len(c) for c in _session_caches(session)]
+    if len(live_caches) != len(stored_caches):
+        raise SessionMismatchError(f"the session holds {len(stored_caches)} KV caches, this context has "
+                                   f"{len(live_caches)} (another model, or an iSWA model saved with another swa_full)")
+    if live_caches != stored_caches:
+        params = llm.context_params
+        raise SessionMismatchError(
+            f"the session's KV caches have {stored_caches} streams, this context's {live_caches} (n_seq_max = "
+            f"{params.n_seq_max}, kv_unified = {bool(params.kv_unified)}): make the context with the same n_seq_max "
+            f"and kv_unified as the one that saved it")
+    _check_layers(llm, session)
+    want_v_trans = _expected_v_trans(llm)
+    for g, cells in enumerate(session.stream_cells):
+        v_trans = session.stream_v_trans[g]
+        if cells and v_trans >= 0 and want_v_trans is not None and v_trans != want_v_trans:
+            saved = "off" if v_trans else "on"
+            raise SessionMismatchError(
+                f"the session's V cache is stored {'transposed' if v_trans else 'plain'} (saved with flash attention "
+                f"{saved}); this context has flash attention {'off' if want_v_trans else 'on'}: make it with "
+                f"flash_attn={v_trans == 0}")
     cells = max(session.stream_cells) if session.stream_cells else 0
     if cells > llm.n_ctx():
         raise SessionMismatchError(f"the session holds {cells} cells; this context has n_ctx = {llm.n_ctx()}")
@@ -159,48 +324,58 @@ def _check_fits(llm, session: DkvSession) -> None:
                 f"{t.name}: the session's cache is {GGMLType(t.ggml_type).name}, this context's type_{t.name[-1]} "
                 f"is {GGMLType(live_type).name}"
             )
+    return live
 
 
 def load(llm, path, *, seq_id: int = 0) -> int:
     """Load a .dkv into ``llm`` (a Llama of the same model) as sequence ``seq_id``; returns the token count.
 
-    Afterwards ``llm.create_completion`` / ``llm.generate`` continue where the session stopped.
-    On a mismatch (another model, a smaller n_ctx, another KV type) raises SessionMismatchError
-    and leaves the context as it was; if llama.cpp itself refuses the state, the sequence is empty.
+    Afterwards ``llm.create_completion`` / ``llm.generate`` continue where the session stopped (for
+    sequence 0, the one llama-cpp-python's Llama tracks: its token list becomes the session's; for
+    another sequence that list is left alone). On a mismatch (another model, layer count, KV type,
+    V layout, stream count, a context too small) raises SessionMismatchError before llama.cpp is
+    asked; if llama.cpp itself refuses the state, the sequence is put back as it was.
     """
     with DkvSession(path) as session:
-        _check_fits(llm, session)
+        live = _check_fits(llm, session, seq_id)
         tokens = session.tokens()
         if tokens is None:
             raise DeltaKVError(f"{path} holds no token list (it was not saved from a session or sequence file)")
+        if seq_id == 0 and len(tokens) > llm.n_ctx():
+            raise SessionMismatchError(f"{path} holds {len(tokens)} tokens; this context has n_ctx = {llm.n_ctx()}")
         with accelerated():
             state = session.to_llama_state()
     blob = write_state(state, framing=Framing.SEQ_STATE)
+    had_cells = any(st.cell_count for sec in live.kv_sections for st in sec.streams)
+    previous = bytes(seq_state_bytes(llm, seq_id)) if had_cells else None
     n = set_seq_state_bytes(llm, blob, seq_id)
     if n != len(blob):
-        llm.n_tokens = 0
-        raise SessionMismatchError(f"llama.cpp refused the restored state of {path} (read {n} of {len(blob)} bytes)")
-    llm.input_ids[: len(tokens)] = tokens
-    llm.n_tokens = len(tokens)
-    llm._requires_eval = True  # logits are not stored: generate() replays the last token
+        if previous is not None:
+            set_seq_state_bytes(llm, previous, seq_id)
+        raise SessionMismatchError(f"llama.cpp refused the restored state of {path} (read {n} of {len(blob)} bytes); "
+                                   f"sequence {seq_id} was left as it was")
+    if seq_id == 0:
+        llm.input_ids[: len(tokens)] = tokens
+        llm.n_tokens = len(tokens)
+        llm._requires_eval = True  # logits are not stored: generate() replays the last token
     return len(tokens)
 
 
-def extend(llm, path, *, seq_id: int = 0) -> dict:
-    """Append to ``path`` the tokens ``llm`` evaluated since the file was written.
+def extend(llm, path, *, seq_id: int = 0, tokens=None) -> dict:
+    """Bring ``path`` up to the live sequence ``seq_id``: append what was evaluated since it was written.
 
-    The stored tokens must be a prefix of the live ones. Cost: the new tokens (plus the
-    re-encoded last partial keyframe chunk), not the session.
+    Cost: the new tokens (plus one re-encoded keyframe chunk), not the session; a sliding-window
+    cache whose window moved costs its window. Where the change is not an append (the stored tokens
+    are no longer a prefix of the live ones, cells were removed), the file is rewritten, crash-safe.
+    ``tokens``: as for :func:`save`. Returns ``rows_added``, ``tokens_added`` and ``rewritten``
+    (None, or why the whole file was written anew).
     """
     with DkvSession(path) as session:
-        _check_fits(llm, session)
-        stored = session.tokens()
-        live = np.asarray(llm.input_ids[: llm.n_tokens], dtype=np.int32)
-        if stored is None or len(stored) > len(live) or not np.array_equal(live[: len(stored)], stored):
-            raise SessionMismatchError(
-                f"the {0 if stored is None else len(stored)} tokens stored in {path} are not a prefix of the "
-                f"context's {len(live)} tokens; save it anew instead"
-            )
-        state = live_state(llm, seq_id, like=session)
+        saved_from = session.file.value(KEY_SEQ_ID, None)
+        if saved_from is not None and saved_from != seq_id:
+            raise SessionMismatchError(f"{path} was saved from sequence {saved_from}; extend(seq_id={seq_id}) would store "
+                                       f"another sequence's cells in it: pass seq_id={saved_from}, or save anew")
+        _check_fits(llm, session, seq_id)
+        state = live_state(llm, seq_id, like=session, tokens=tokens)
     with accelerated():
         return append_session(path, state)

@@ -109,17 +109,22 @@ def test_per_role_codecs_survive_extend_and_load(tmp_path):
     assert len(greedy(llm2, 4)) == 4
 
 
-def test_extend_refuses_a_diverged_context(tmp_path):
-    from deltakv_runtime import extend, save
+def test_extend_of_a_diverged_context_rewrites_the_file(tmp_path):
+    from deltakv_runtime import extend, load, save
 
     llm = make_llama()
     toks = prompt_tokens(llm, 120)
     llm.eval(toks[:60])
-    save(llm, tmp_path / "s.dkv")
+    save(llm, tmp_path / "s.dkv", codec="raw")
     llm.reset()
     llm.eval(toks[1:90])
-    with pytest.raises(SessionMismatchError, match="not a prefix"):
-        extend(llm, tmp_path / "s.dkv")
+    result = extend(llm, tmp_path / "s.dkv")
+    assert result["rewritten"] == "the stored tokens are not a prefix of the live ones"
+    with DkvSession(tmp_path / "s.dkv") as s:
+        assert s.n_segments == 1 and np.array_equal(s.tokens(), toks[1:90])
+        assert {t.codec.name for t in s.tracks} == {"raw"}  # a rewrite keeps the codecs
+    llm2 = make_llama()
+    assert load(llm2, tmp_path / "s.dkv") == 89
 
 
 def test_load_mismatches_give_clear_errors_and_leave_the_context_usable(tmp_path):
