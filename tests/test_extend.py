@@ -319,3 +319,25 @@ def test_codec_none_means_the_default(tmp_path):
         assert s.codec_name == DEFAULT_CODEC
     with pytest.raises(TypeError, match="expected a codec name"):
         save(llm, tmp_path / "t.dkv", codec=3)
+
+
+def test_extend_after_a_context_shift(tmp_path):
+    """Cells removed from the middle and the later ones moved down (what a context shift does):
+    the restored session is llama.cpp's live one, byte for byte."""
+    from deltakv_runtime import extend, load, save
+
+    llm = make("smollm2", n_ctx=1024)
+    toks = tokens_of(llm, 400)
+    llm.eval(toks[:300])
+    path = tmp_path / "s.dkv"
+    save(llm, path, codec="raw")
+    llm._ctx.kv_cache_seq_rm(0, 50, 100)
+    llm._ctx.kv_cache_seq_shift(0, 100, -1, -50)
+    kept = list(toks[:50]) + list(toks[100:300])
+    llm.input_ids[:250] = kept
+    llm.n_tokens = 250
+    llm.eval(toks[300:340])  # the shift is applied to K on this decode
+    assert extend(llm, path)["rewritten"] is not None
+    restored = make("smollm2", n_ctx=1024)
+    assert load(restored, path) == 290
+    assert seq_state(restored) == seq_state(llm)
