@@ -63,6 +63,11 @@ def cell_record_ends(cells, count: int, ext_bytes: int) -> np.ndarray:
     buf = memoryview(cells)
     if count * 8 > len(buf):  # each record has at least 8 bytes: check before allocating per count
         raise CorruptError(f"{count} cell records need at least {count * 8} bytes, found {len(buf)}", offset=0)
+    one_id = 12 + ext_bytes  # the usual record: one sequence id (every cell of a sequence state)
+    if len(buf) == count * one_id and count:
+        n_seq = np.frombuffer(buf, np.uint8).reshape(count, one_id)[:, 4:8].copy().view("<u4").reshape(-1)
+        if np.all(n_seq == 1):
+            return np.arange(1, count + 1, dtype=np.int64) * one_id
     ends = np.empty(count, np.int64)
     pos = 0
     for i in range(count):
