@@ -171,10 +171,12 @@ def test_the_prompt_cache_resumes_gemma_past_its_window(tmp_path):
     prompt = llm.detokenize(tokens_of(llm, 700)).decode("utf-8", "ignore")
     expected = llm.create_completion(prompt, max_tokens=6, temperature=0.0)["choices"][0]["text"]
     cached = make("gemma3", n_ctx=1024)
-    cached.set_cache(DeltaKVCache(tmp_path / "cache", codec="raw"))
+    cached.set_cache(DeltaKVCache(tmp_path / "cache", codec="raw", llm=cached))
     first = cached.create_completion(prompt, max_tokens=6, temperature=0.0)["choices"][0]["text"]
     again = make("gemma3", n_ctx=1024)
-    again.set_cache(DeltaKVCache(tmp_path / "cache", codec="raw"))
+    cache = DeltaKVCache(tmp_path / "cache", codec="raw", llm=again)
+    assert again.tokenize(prompt.encode()) in cache  # served after a restart
+    again.set_cache(cache)
     second = again.create_completion(prompt, max_tokens=6, temperature=0.0)["choices"][0]["text"]
     assert first == expected and second == expected
     assert list((tmp_path / "cache").glob("*.dkv"))
