@@ -607,10 +607,92 @@ def parse_state(buf, *, framing: Framing | None = None, model: ModelInfo | None 
     ``framing`` forces how the bytes are framed (otherwise detected from the magic numbers);
     ``model`` (from :meth:`ModelInfo.from_gguf`) fixes the number of KV caches, their layer
     counts and row sizes and the per-cell ext record, which removes the layout guesswork.
+    A model whose layout does not fit the bytes raises :class:`SessionMismatchError` saying what
+    the model says and what the bytes hold (read without the model), e.g. 1 KV cache of 30
+    layers vs 2 KV caches of 3 + 15 layers.
     ``layout`` / ``cell_ext_bytes``, when known (an append knows them from the stored session),
     skip trying the other layouts, each of which reads every cell record.
     """
     mv = _as_memoryview(buf)
+    try:
+        return _parse_state(mv, framing, model, layout, cell_ext_bytes)
+    except DeltaKVError:
+        if model is None:
+            raise
+        # The model-guided reading stops at the first thing the model contradicts, which says
+        # little about the state ("30 layers in this KV cache, the state has 3" for a state of
+        # 18 layers in 2 caches). If the bytes read without the model, compare the whole layouts.
+        try:
+            alone = _parse_state(mv, framing, None, layout, cell_ext_bytes)
+        except DeltaKVError:
+            alone = None  # the bytes do not read without the model either
+        differences = [] if alone is None else layout_differences(model, alone)
+        del alone
+        if not differences:
+            raise  # nothing better to say: the model-guided error stands
+    # Raised after the except block, so that the new error does not carry the model-guided one as its
+    # __context__ (that traceback's frames hold views of ``buf``: an mmap cannot close while they live).
+    raise SessionMismatchError(f"the model's layout ({model.arch}, {model.n_layer} layers) does not fit this "
+                               f"state: {'; '.join(differences)}")
+
+
+def layout_differences(model: ModelInfo, state: LlamaState) -> list[str]:
+    """What ``model`` says about the layout of a state that ``state`` (read without it) contradicts:
+    arch, KV caches and their layer counts, values per K/V cell, cell ext records, recurrent block."""
+    out = []
+    if state.arch_bytes is not None and state.arch_bytes != model.arch.encode():
+        out.append(f"arch: the model is {model.arch!r}, the state was written by "
+                   f"{bytes(state.arch_bytes).decode('utf-8', 'replace')!r}")
+    whole = state.framing in _WHOLE_FRAMINGS
+    plans = model.kv_cache_layers(sequence=not whole, single_cache=state.layout == BodyLayout.V9_OUTPUTS)
+    # Layers per KV cache as the bytes have them; None for a cache whose streams are all empty
+    # (an empty stream writes no n_layer word).
+    found = [max((st.n_layer for st in sec.streams if st.n_layer is not None), default=None)
+             for sec in state.kv_sections]
+
+    def fits(plan):
+        return len(plan) == len(found) and all(n is None or n == len(p) for n, p in zip(found, plan))
+
+    def caches(counts):
+        if not counts:
+            return "no KV cache"
+        layers = " + ".join("?" if n is None else str(n) for n in counts)
+        return f"{len(counts)} KV cache{'s' if len(counts) > 1 else ''} of {layers} layers"
+
+    if not any(fits(plan) for plan in plans):
+        out.append(f"KV caches: the model has {' or '.join(caches([len(c) for c in plan]) for plan in plans)}, "
+                   f"the state {caches(found)}")
+    streams = [st for sec in state.kv_sections for st in sec.streams]
+    kv_layers = model.kv_layers()
+    for role, tensors, per_layer in (("K", lambda st: st.k, model.n_embd_k_gqa), ("V", lambda st: st.v, model.n_embd_v_gqa)):
+        has = sorted({t.n_values for st in streams for t in tensors(st)})
+        if role == "V" and model.is_mla:
+            if has:
+                out.append("V tensors: the model (MLA) has none, the state has them")
+            continue
+        want = sorted({per_layer(il) for il in kv_layers})
+        if has and want and has != want:
+            out.append(f"{role} values per cell: the model has {', '.join(map(str, want))}, "
+                       f"the state {', '.join(map(str, has))}")
+        elif role == "V" and want and not has and any(st.cell_count for st in streams):
+            out.append("V tensors: the model has them, the state none (an MLA cache)")
+    if _ext_allowed(state.layout):
+        want_ext = CELL_EXT_BYTES if model.cell_ext else 0
+        has_ext = sorted({st.cell_ext_bytes for st in streams if st.cell_count})
+        if has_ext and has_ext != [want_ext]:
+            def ext(n):
+                return f"{n}-byte ext records" if n else "no ext records"
+            out.append(f"cell records: the model's carry {ext(want_ext)}, the state's {ext(has_ext[0])}")
+    has_recurrent = any(isinstance(sec, OpaqueSection) and sec.role == "recurrent" for sec in state.sections)
+    if model.has_recurrent != has_recurrent:
+        out.append(f"recurrent block: the model ({'recurrent or hybrid' if model.has_recurrent else 'attention only'}) "
+                   f"{'ends' if model.has_recurrent else 'does not end'} the state with one, the state "
+                   f"{'has one' if has_recurrent else 'has none'}")
+    return out
+
+
+def _parse_state(mv: memoryview, framing: Framing | None, model: ModelInfo | None, layout: BodyLayout | None,
+                 cell_ext_bytes: int | None) -> LlamaState:
     n = len(mv)
     if n < 4:
         raise TruncatedError(f"llama.cpp state: expected at least 4 bytes, found {n}", offset=0)

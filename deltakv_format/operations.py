@@ -6,6 +6,7 @@ callable from Python.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -15,18 +16,43 @@ import numpy as np
 
 from .codecs import get_codec
 from .constants import CODEC_DELTA_Q4_0, CODEC_DKV_Q4, FLOAT_TYPES, GGMLType
-from .container import replacing_file
-from .errors import CodecError, DeltaKVError
-from .session import DkvSession, write_session
+from .container import DkvFile, replacing_file
+from .errors import ChecksumError, CodecError, CorruptError, DeltaKVError
+from .session import DkvSession, cell_record_ends, owned_spans, write_session
 from .state_model import Framing, LlamaState, OpaqueSection
 
 DKV_MAGIC = b"GGUF"
 
 
+def check_output_path(path) -> None:
+    """Refuse, before any work is done, an output path whose folder is missing or is not a folder.
+
+    Writes go through a temporary file next to ``path``; without this check the error names that
+    temporary file (``.out.dkv.x1y2z3.tmp``) instead of the path the caller gave."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.exists():
+        raise DeltaKVError(f"cannot write {path}: the folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DeltaKVError(f"cannot write {path}: {folder} is not a folder")
+    if path.is_dir():
+        raise DeltaKVError(f"cannot write {path}: it is a folder")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn an OSError of writing ``path`` (through its temporary file) into an error naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        raise DeltaKVError(f"cannot write {path}: {e.strerror or e}") from e
+
+
 def atomic_write(path, chunks) -> int:
     """Write ``chunks`` (bytes-like) to ``path`` through a temporary file, fsync and rename."""
+    check_output_path(path)
     written = 0
-    with replacing_file(path) as f:
+    with writing(path), replacing_file(path) as f:
         for chunk in chunks:
             f.write(chunk)
             written += len(chunk)
@@ -81,6 +107,7 @@ def load_model_info(model_path):
 
 
 def parse_state_file(mapped: MappedFile, model=None) -> LlamaState:
+    """Parse a llama.cpp state file; errors name the file."""
     from .llama_state import parse_state
 
     try:
@@ -125,12 +152,15 @@ def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_
         return get_codec(name, keyframe_interval=keyframe_interval) if name in delta_codecs else get_codec(name)
 
     codec_obj = make(codec)
+    check_output_path(out_path)
     model = load_model_info(model_path)
     with MappedFile(in_path) as mapped:
         if bytes(mapped.buf[:4]) == DKV_MAGIC:
             raise DeltaKVError(f"{in_path} is already a GGUF/.dkv file; convert takes a llama.cpp state file")
         state = parse_state_file(mapped, model)
-        session = write_session(state, out_path, codec_obj, progress=progress, k_codec=make(k_codec), v_codec=make(v_codec))
+        with writing(out_path):
+            session = write_session(state, out_path, codec_obj, progress=progress, k_codec=make(k_codec),
+                                    v_codec=make(v_codec))
         source_bytes = len(mapped.buf)
         del state
     with session:
@@ -149,6 +179,7 @@ def restore(dkv_path, out_path, *, framing: str | None = None) -> int:
     """.dkv -> llama.cpp state bytes (the original framing unless ``framing`` says otherwise)."""
     from .llama_state import write_state
 
+    check_output_path(out_path)
     with DkvSession(dkv_path) as session:
         state = session.to_llama_state()
         target = Framing(framing) if framing else None
@@ -194,7 +225,16 @@ def inspect_state(state: LlamaState) -> dict:
             })
         sections.append({"kind": "kv", "has_n_stream": sec.has_n_stream, "streams": streams})
     return {"framing": state.framing.value, "layout": state.layout.value, "file_version": state.file_version,
-            "arch": _escape(state.arch) if state.arch is not None else None, "sections": sections}
+            "arch": _escape(state.arch) if state.arch is not None else None,
+            "layers": model_layers([[len(st.k) for st in sec.streams] for sec in state.kv_sections]),
+            "sections": sections}
+
+
+def model_layers(k_layers_by_cache: list[list[int]]) -> int:
+    """The model layers a state holds: each KV cache (iSWA: two) holds its own layers, and every
+    stream of a cache (n_stream > 1) holds the same ones again, so streams are not added up.
+    ``k_layers_by_cache``: per KV cache, the K tensors of each stream (0 for an empty stream)."""
+    return sum(max(streams, default=0) for streams in k_layers_by_cache)
 
 
 def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
@@ -219,7 +259,8 @@ def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
                            for (c, n, r, ty), k in tracks.items()],
                 "segments": s.n_segments,
                 "streams": [{"cells": c} for c in s.stream_cells],
-                "layers": sum(s.stream_n_k),
+                "layers": model_layers([[n for n, sec in zip(s.stream_n_k, s.stream_section) if sec == i]
+                                        for i, kind in enumerate(s.section_kind) if kind == "kv"]),
                 "n_tokens": None if tokens is None else len(tokens),
                 "bytes": {"file": stats["file_bytes"], "source": source, "kv_source": stats["kv_source_bytes"],
                           "kv_stored": stats["kv_stored_bytes"]},
@@ -280,7 +321,11 @@ def _as_f32(bits: np.ndarray, ggml_type: int) -> np.ndarray:
 
 def validate(path, *, against=None, model_path=None) -> ValidationReport:
     """Structure and checksums of a .dkv (or parseability of a llama.cpp file); with ``against``,
-    per-layer error figures of the decoded K/V against the original state."""
+    per-layer error figures of the decoded K/V against the original state.
+
+    A file that cannot be read as a .dkv container (not GGUF, another format version, a header
+    that fails its checksum) raises. A container that reads but whose content breaks the format
+    (tensor checksums, the segment table, cell records) is reported as problems."""
     problems: list[str] = []
     layers: list[dict] = []
     path = Path(path)
@@ -288,8 +333,19 @@ def validate(path, *, against=None, model_path=None) -> ValidationReport:
         with MappedFile(path) as mapped:
             parse_state_file(mapped, load_model_info(model_path))
         return ValidationReport(True, [])
-    with DkvSession(path) as s:
-        problems += s.file.verify()
+    with DkvFile(path) as container:  # what fails to open here is unreadable, not a problem to list
+        problems += container.verify()
+    try:
+        session = DkvSession(path)
+    except CorruptError as e:
+        # The reader refuses what breaks the session rules (SPEC.md 3, 3.2, 7): segments that
+        # start past the rows held so far or off a keyframe, rows that do not add up to the cell
+        # count, mismatched arrays. The container read fine, so this is a corrupt file.
+        return ValidationReport(False, problems + [e.bare_message])
+    with session as s:
+        bad_cells = cell_problems(s)
+        if bad_cells:
+            return ValidationReport(False, problems + bad_cells)  # rebuilding would trip over the same cells
         try:
             rebuilt = s.to_llama_state()
         except DeltaKVError as e:
@@ -302,6 +358,83 @@ def validate(path, *, against=None, model_path=None) -> ValidationReport:
                 problems += more
                 del original
     return ValidationReport(not problems, problems, layers)
+
+
+def cell_problems(session: DkvSession) -> list[str]:
+    """What is wrong with the cell records of each stream, one line per problem.
+
+    Every segment's ``s{g}.cells.{s}`` tensor must hold exactly the records of its rows (SPEC.md
+    3.1), whether or not a later segment overrides them. In the snapshot's cells no (sequence id,
+    position) pair may occur twice in one stream: llama.cpp's decode keeps each sequence's positions
+    consecutive, so two cells of one sequence at one position are a damaged or mis-assembled cache.
+    Streams with ext records are not checked for that: M-RoPE embedding inputs legitimately share a
+    position (llama_batch_allocr: "embedding inputs can have overlapping positions")."""
+    problems = []
+    for g in range(len(session.stream_cells)):
+        broken = False
+        for s in range(session.n_segments):
+            rows = int(session.seg_rows[s, g])
+            name = f"s{g}.cells.{s}"
+            if not rows:
+                continue
+            # CRCs are verify()'s to report; here only the structure of the records counts
+            raw = session.file.tensor(name, verify=False).reshape(-1) if session.file.has_tensor(name) else np.empty(0, np.uint8)
+            try:
+                ends = cell_record_ends(raw, rows, session.stream_ext[g])
+            except CorruptError as e:
+                problems.append(f"stream {g} segment {s}: expected {rows} cell records in tensor {name!r} "
+                                f"({len(raw)} bytes), found that {e.bare_message}")
+                broken = True
+                continue
+            if ends[-1] != len(raw):
+                problems.append(f"stream {g} segment {s}: expected {rows} cell records filling tensor {name!r} "
+                                f"({len(raw)} bytes), found {len(raw) - int(ends[-1])} bytes after them")
+                broken = True
+        if broken or session.stream_ext[g] or not session.stream_cells[g]:
+            continue
+        try:
+            cells = session.cells(g)
+        except ChecksumError:
+            continue  # the damaged tensor is in verify()'s list already
+        problems += _repeated_cells(session, g, cells)
+    return problems
+
+
+def _repeated_cells(session: DkvSession, stream: int, cells: bytes) -> list[str]:
+    """The (sequence id, position) pairs held twice in a stream's cells (records without ext)."""
+    n = session.stream_cells[stream]
+    ends = cell_record_ends(cells, n, 0)
+    words = np.frombuffer(cells, "<i4")  # records of i32 pos, u32 n_seq_id, i32 seq_id[n]: all 4-byte words
+    first_word = np.concatenate(([0], ends[:-1])) // 4
+    pos = words[first_word].astype(np.int64)
+    n_seq = words[first_word + 1].view(np.uint32).astype(np.int64)
+    # Cells of the old sequence files (layout v9-outputs) carry no sequence id (n_seq_id = 0):
+    # they all belong to the one sequence the file holds; -1 << 40 stands for it (no i32 id).
+    own = n_seq == 0
+    per_cell = np.where(own, 1, n_seq)
+    row = np.repeat(np.arange(n), per_cell)  # one entry per (cell, sequence id)
+    index_in_cell = np.arange(len(row)) - np.repeat(np.cumsum(per_cell) - per_cell, per_cell)
+    seq_word = np.minimum(first_word[row] + 2 + index_in_cell, len(words) - 1)  # own cells read no word
+    seq = np.where(own[row], -1 << 40, words[seq_word].astype(np.int64))
+    p = pos[row]
+    order = np.lexsort((row, p, seq))
+    same = (seq[order][1:] == seq[order][:-1]) & (p[order][1:] == p[order][:-1])
+    if not same.any():
+        return []
+    k = int(np.argmax(same))
+    a, b = int(row[order][k]), int(row[order][k + 1])
+    who = "the state's sequence" if seq[order][k] == -1 << 40 else f"sequence {int(seq[order][k])}"
+    where = (f"twice in the record of row {a}" if a == b else
+             f"in row {a} (segment {_segment_of_row(session, stream, a)}) and row {b}")
+    more = int(same.sum()) - 1
+    return [f"stream {stream} segment {_segment_of_row(session, stream, b)}: expected each (sequence id, "
+            f"position) pair once per stream, found {who} at position {int(p[order][k])} {where}"
+            + (f", and {more} more repeated pair{'s' if more > 1 else ''}" if more else "")]
+
+
+def _segment_of_row(session: DkvSession, stream: int, row: int) -> int:
+    """The segment that holds ``row`` of ``stream`` in the snapshot (the ownership rule of SPEC.md 3.2)."""
+    return next(s for s, first, end in owned_spans(session.seg_first_row, session.seg_rows, stream) if first <= row < end)
 
 
 def compare_states(original: LlamaState, rebuilt: LlamaState, session: DkvSession) -> tuple[list[dict], list[str]]:

