@@ -14,13 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import get_codec
-from .constants import CODEC_DELTA_Q4_0, CODEC_DKV_Q4, FLOAT_TYPES, GGMLType
+from .constants import CODEC_DELTA_Q4_0, CODEC_DKV_Q4, FLOAT_TYPES, GGUF_MAGIC, GGMLType
 from .container import replacing_file
 from .errors import CodecError, DeltaKVError
 from .session import DkvSession, write_session
 from .state_model import Framing, LlamaState, OpaqueSection
-
-DKV_MAGIC = b"GGUF"
 
 
 def atomic_write(path, chunks) -> int:
@@ -69,7 +67,7 @@ class MappedFile:
 
 def is_dkv(path) -> bool:
     with open(path, "rb") as f:
-        return f.read(4) == DKV_MAGIC
+        return f.read(4) == GGUF_MAGIC
 
 
 def load_model_info(model_path):
@@ -127,7 +125,7 @@ def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_
     codec_obj = make(codec)
     model = load_model_info(model_path)
     with MappedFile(in_path) as mapped:
-        if bytes(mapped.buf[:4]) == DKV_MAGIC:
+        if bytes(mapped.buf[:4]) == GGUF_MAGIC:
             raise DeltaKVError(f"{in_path} is already a GGUF/.dkv file; convert takes a llama.cpp state file")
         state = parse_state_file(mapped, model)
         session = write_session(state, out_path, codec_obj, progress=progress, k_codec=make(k_codec), v_codec=make(v_codec))
