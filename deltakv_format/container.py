@@ -25,7 +25,9 @@ from .constants import (
     FORMAT_VERSION,
     GGML_BLOCK_SIZES,
     HEADER_RESERVE_MIN,
+    JOURNAL_HEADER,
     JOURNAL_MAGIC,
+    JOURNAL_PREAMBLE_BYTES,
     JOURNAL_SUFFIX,
     JOURNAL_VERSION,
     GGMLType,
@@ -278,23 +280,23 @@ def _read_journal(path: Path) -> Journal | None:
     """The redo journal of an interrupted append, or None if absent or incomplete."""
     jpath = Path(str(path) + JOURNAL_SUFFIX)
     try:
-        if jpath.stat().st_size > 28 + os.path.getsize(path):
+        if jpath.stat().st_size > JOURNAL_PREAMBLE_BYTES + os.path.getsize(path):
             return None  # a header longer than the file it commits: not a journal of this file
         raw = jpath.read_bytes()
     except FileNotFoundError:
         return None
-    if len(raw) < 28 or raw[:4] != JOURNAL_MAGIC:
+    if len(raw) < JOURNAL_PREAMBLE_BYTES or raw[:len(JOURNAL_MAGIC)] != JOURNAL_MAGIC:
         return None
-    version, committed_size, header_len, crc = struct.unpack_from("<IQQI", raw, 4)
-    if version != JOURNAL_VERSION or len(raw) != 28 + header_len:
+    version, committed_size, header_len, crc = JOURNAL_HEADER.unpack_from(raw, len(JOURNAL_MAGIC))
+    if version != JOURNAL_VERSION or len(raw) != JOURNAL_PREAMBLE_BYTES + header_len:
         return None
-    if crc32c(raw[28:]) != crc:
+    if crc32c(raw[JOURNAL_PREAMBLE_BYTES:]) != crc:
         return None  # written only partly: the main header was never touched
     if not header_len <= committed_size <= os.path.getsize(path):
         # The tensors a journal commits were fsynced before it was written, so a journal that
         # points past the end of the file belongs to another file (stale): never replay it.
         return None
-    return Journal(committed_size, raw[28:])
+    return Journal(committed_size, raw[JOURNAL_PREAMBLE_BYTES:])
 
 
 def _replay_journal(path: Path, journal: Journal) -> None:
@@ -523,7 +525,7 @@ def append_container(path, kvs: list[KeyValue], new_tensors: list[TensorData], p
             header = build_header(kvs, old_infos + new_infos, old_crcs + new_crcs, data_start)
             jpath = Path(str(path) + JOURNAL_SUFFIX)
             with open(jpath, "wb") as j:
-                j.write(JOURNAL_MAGIC + struct.pack("<IQQI", JOURNAL_VERSION, committed_size, len(header), crc32c(header)))
+                j.write(JOURNAL_MAGIC + JOURNAL_HEADER.pack(JOURNAL_VERSION, committed_size, len(header), crc32c(header)))
                 j.write(header)
                 j.flush()
                 os.fsync(j.fileno())

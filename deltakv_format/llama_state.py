@@ -1,31 +1,34 @@
 """Parse and write llama.cpp state bytes: session files, sequence files and in-memory states.
 
-What the bytes are (verified against llama.cpp's sources, see shared/reference/llama-state.md):
+What the bytes are (docs/llama-state.md has them in full, with the llama.cpp sources they come
+from; the ``has_*`` / ``allows_*`` conditions are traits of the body's :class:`BodyLayout`):
 
 Framing
     session file   u32 'ggsn' (0x6767736E), u32 version, u32 n_tokens, i32 tokens[n], whole-context body
     sequence file  u32 'ggsq' (0x67677371), u32 version, u32 n_tokens, i32 tokens[n], sequence body
     whole state    (``llama_state_get_data``) the whole-context body, nothing before it
     sequence state (``llama_state_seq_get_data``) [u32 0xAF143CD8, i32 source seq_id] sequence body;
-                   the prefix exists in llama.cpp builds that write v10+ (llama-cpp-python 0.3.36)
+                   the prefix exists in the builds of layouts with has_seq_state_prefix
 
 Bodies
-    whole-context  u32 len + arch string; [legacy outputs]; memory modules
+    whole-context  [u32 len + arch string: has_arch_string]; [legacy outputs: has_outputs_section];
+                   memory modules
     sequence       memory modules only
 
-    legacy outputs (``BodyLayout.V9_OUTPUTS*``): i32 n_outputs, i32 output_pos[n_outputs],
+    legacy outputs i32 n_outputs, i32 output_pos[n_outputs],
                    u64 n_logits, f32[n_logits], u64 n_embd, f32[n_embd]
 
-Memory modules, in order: zero, one or two attention KV caches (iSWA: the full-attention cache,
-then the SWA cache), then possibly a recurrent block (hybrid and recurrent models). An attention
-KV cache (``llama_kv_cache::state_write``)::
+Memory modules, in order: zero, one or two attention KV caches (iSWA with has_swa_cache: the
+full-attention cache, then the SWA cache), then possibly a recurrent block (hybrid and recurrent
+models). An attention KV cache (``llama_kv_cache::state_write``)::
 
-    [u32 n_stream]                      absent in BodyLayout.V9_OUTPUTS (llama.cpp of 2025-05)
+    [u32 n_stream]                      has_n_stream
     per stream:
       u32 cell_count                    with n_stream: 0 means nothing else for this stream
       per cell: i32 pos, u32 n_seq_id, [ext: i32 x, i32 y, i32 tok], i32 seq_id[n_seq_id]
+                                        (ext: allows_cell_ext_records and an M-RoPE / PLE model)
       u32 v_trans, u32 n_layer
-      [u32 n_rot_k, u32 n_rot_v]        BodyLayout.V11 only
+      [u32 n_rot_k, u32 n_rot_v]        has_rotation_fields
       per layer K: i32 type, u64 row_bytes, row_bytes * cell_count bytes
       per layer V (none for MLA caches):
         v_trans 0: i32 type, u64 row_bytes, row_bytes * cell_count bytes
@@ -42,12 +45,33 @@ resolved deterministically, preferring the newest layout.
 Conversions :func:`write_state` can do
     session file  <-> whole state     (to a session file: needs the token list)
     sequence file <-> sequence state  (to a sequence file: needs the token list; to a sequence
-                                       state of layout v10/v11: writes the 0xAF143CD8 prefix)
+                                       state of a layout with has_seq_state_prefix: writes the
+                                       0xAF143CD8 prefix)
     whole-context <-> sequence bodies: impossible (different cells, arch string); raises.
 
 Every read is bounds-checked; bad input raises a :class:`DeltaKVError` subclass naming what was
 expected, what was found and the byte offset. No allocation is proportional to a count read
 from the input before that count is checked against the bytes that remain.
+
+Adding a llama.cpp state version
+    The layouts are data: ``BodyLayout`` in ``constants.py`` has one member per layout, and the
+    version tables, the order in which layouts are tried and preferred (newest first), the layouts
+    a prefixed sequence state can have and every ``has_*`` test in this module are derived from its
+    rows. For a version whose body combines parts that existing traits already describe:
+
+    1. ``constants.py``: append one member at the end of ``BodyLayout`` (members are oldest first),
+       with its value (the name stored in ``deltakv.source.layout``), the builds that write it,
+       its session and sequence version words and its traits.
+    2. A fixture: the files a build of that version writes, in ``fixtures/`` (``make_fixtures.py``
+       writes them; ``fixtures/README.md`` says which build, model and framing each is), and one line
+       per file in ``EXPECTED`` of ``tests/test_llama_state.py``, which requires every fixture there.
+    3. ``SPEC.md`` section 4: the layout's row and its name among the values of
+       ``deltakv.source.layout`` (``tests/test_layouts.py`` checks both).
+
+    A version that adds a part no trait describes also needs a new ``LayoutTraits`` field (every row
+    states it), its read in ``_parse_kv_block`` or ``_parse_bodies``, its write in ``_kv_chunks`` or
+    ``_body_chunks``, a field to carry it in ``state_model.py`` (as ``KVStream.rot`` carries the
+    rotation fields) and, to store it in a ``.dkv``, a session key (``session.py``, SPEC.md section 3).
 """
 
 from __future__ import annotations
@@ -58,7 +82,24 @@ from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from .constants import GGML_BLOCK_SIZES
+from .constants import (
+    CELL_EXT_BYTES,
+    CELL_RECORD_HEAD,
+    CELL_SEQ_ID_BYTES,
+    GGML_BLOCK_SIZES,
+    MAX_ARCH_LENGTH,
+    MAX_KV_CACHES,
+    PACKED_TOKENS_MARKER,
+    ROTATION_FIELDS,
+    ROW_TENSOR_HEAD,
+    SEQ_STATE_MAGIC,
+    SEQ_STATE_PREFIX,
+    SEQUENCE_MAGIC,
+    SESSION_MAGIC,
+    STATE_FILE_HEAD,
+    STREAM_HEAD,
+    TRANSPOSED_V_HEAD,
+)
 from .errors import (
     AmbiguousLayoutError,
     BadMagicError,
@@ -96,33 +137,40 @@ __all__ = [
     "file_version_for",
 ]
 
-SESSION_MAGIC = 0x6767736E  # 'ggsn'
-SEQUENCE_MAGIC = 0x67677371  # 'ggsq'
-SEQ_STATE_MAGIC = 0xAF143CD8  # prefix of llama_state_seq_get_data in v10+ builds
-CELL_EXT_BYTES = 12  # llama_kv_cell_ext: i32 x, i32 y, i32 tok
-MAX_ARCH_LENGTH = 256  # llm_arch_name() strings are short; anything longer is not an arch
+# The tables from here to _ROTATION_LAYOUTS are derived from BodyLayout's rows: a new layout
+# changes none of them.
 
-# Newest first: the order in which identical-segmentation candidates are preferred.
-_LAYOUT_ORDER = (
-    BodyLayout.V11,
-    BodyLayout.V10,
-    BodyLayout.V9,
-    BodyLayout.V9_OUTPUTS_STREAMS,
-    BodyLayout.V9_OUTPUTS,
-)
+# Newest first: the order in which layouts are tried and identical readings preferred.
+_LAYOUT_ORDER: tuple[BodyLayout, ...] = tuple(reversed(BodyLayout))
 
-SESSION_VERSION_LAYOUTS: dict[int, tuple[BodyLayout, ...]] = {
-    9: (BodyLayout.V9, BodyLayout.V9_OUTPUTS_STREAMS, BodyLayout.V9_OUTPUTS),
-    10: (BodyLayout.V10,),
-    11: (BodyLayout.V11,),
-}
-SEQUENCE_VERSION_LAYOUTS: dict[int, tuple[BodyLayout, ...]] = {
-    2: (BodyLayout.V9, BodyLayout.V9_OUTPUTS_STREAMS, BodyLayout.V9_OUTPUTS),
-    3: (BodyLayout.V10,),
-    4: (BodyLayout.V11,),
-}
-_SESSION_VERSION_OF = {lay: v for v, lays in SESSION_VERSION_LAYOUTS.items() for lay in lays}
-_SEQUENCE_VERSION_OF = {lay: v for v, lays in SEQUENCE_VERSION_LAYOUTS.items() for lay in lays}
+_FILE_MAGIC = {Framing.SESSION_FILE: SESSION_MAGIC, Framing.SEQUENCE_FILE: SEQUENCE_MAGIC}
+
+
+def file_version_for(layout: BodyLayout, framing: Framing) -> int:
+    """The ggsn/ggsq version word llama.cpp writes for a body of ``layout``."""
+    traits = BodyLayout(layout).traits
+    if framing == Framing.SESSION_FILE:
+        return traits.session_file_version
+    if framing == Framing.SEQUENCE_FILE:
+        return traits.sequence_file_version
+    raise DeltaKVError(f"framing {Framing(framing).value!r} has no version word")
+
+
+def _layouts_by_version(framing: Framing) -> dict[int, tuple[BodyLayout, ...]]:
+    versions = sorted({file_version_for(layout, framing) for layout in BodyLayout})
+    return {v: tuple(lay for lay in _LAYOUT_ORDER if file_version_for(lay, framing) == v) for v in versions}
+
+
+SESSION_VERSION_LAYOUTS: dict[int, tuple[BodyLayout, ...]] = _layouts_by_version(Framing.SESSION_FILE)
+"""Session file version word -> the layouts a body under it can have, newest first."""
+SEQUENCE_VERSION_LAYOUTS: dict[int, tuple[BodyLayout, ...]] = _layouts_by_version(Framing.SEQUENCE_FILE)
+"""Sequence file version word -> the layouts a body under it can have, newest first."""
+_VERSION_LAYOUTS = {Framing.SESSION_FILE: SESSION_VERSION_LAYOUTS, Framing.SEQUENCE_FILE: SEQUENCE_VERSION_LAYOUTS}
+
+# A sequence state that starts with SEQ_STATE_MAGIC was written by a build of one of these.
+_SEQ_PREFIX_LAYOUTS = tuple(lay for lay in _LAYOUT_ORDER if lay.traits.has_seq_state_prefix)
+# The layouts that can hold a stream's n_rot_k / n_rot_v (named in an error when another cannot).
+_ROTATION_LAYOUTS = tuple(lay.value for lay in BodyLayout if lay.traits.has_rotation_fields)
 
 _WHOLE_FRAMINGS = (Framing.SESSION_FILE, Framing.STATE)
 _SEQ_FRAMINGS = (Framing.SEQUENCE_FILE, Framing.SEQ_STATE)
@@ -130,30 +178,6 @@ _SEQ_FRAMINGS = (Framing.SEQUENCE_FILE, Framing.SEQ_STATE)
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
-
-
-def _has_outputs(layout: BodyLayout) -> bool:
-    return layout in (BodyLayout.V9_OUTPUTS, BodyLayout.V9_OUTPUTS_STREAMS)
-
-
-def _has_n_stream(layout: BodyLayout) -> bool:
-    return layout != BodyLayout.V9_OUTPUTS
-
-
-def _has_rot(layout: BodyLayout) -> bool:
-    return layout == BodyLayout.V11
-
-
-def _ext_allowed(layout: BodyLayout) -> bool:
-    return layout in (BodyLayout.V10, BodyLayout.V11)
-
-
-def file_version_for(layout: BodyLayout, framing: Framing) -> int:
-    """The ggsn/ggsq version word llama.cpp writes for a body of ``layout``."""
-    if framing not in (Framing.SESSION_FILE, Framing.SEQUENCE_FILE):
-        raise DeltaKVError(f"framing {Framing(framing).value!r} has no version word")
-    table = _SESSION_VERSION_OF if framing == Framing.SESSION_FILE else _SEQUENCE_VERSION_OF
-    return table[layout]
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -244,16 +268,16 @@ def _known_type(t: int, what: str, at: int) -> tuple[int, int]:
 def _parse_cells(r: _Reader, cell_count: int, ext_bytes: int, spans: list) -> memoryview:
     """The per-cell records of one stream, returned as one zero-copy slice."""
     start = r.pos
-    unit = 8 + ext_bytes
+    unit = CELL_RECORD_HEAD.size + ext_bytes
     r.check_count(cell_count, unit, "cell_count", start - 4)
     if cell_count:
         # Fast path: every cell has as many seq ids as the first one (the usual case).
         r._need(unit, "cell record")
-        (k,) = _U32.unpack_from(r.mv, start + 4)
-        words_per_cell = (unit + 4 * k) // 4
+        _, k = CELL_RECORD_HEAD.unpack_from(r.mv, start)
+        words_per_cell = (unit + CELL_SEQ_ID_BYTES * k) // 4
         if k <= 64 and cell_count <= r.remaining // (4 * words_per_cell):
             words = np.frombuffer(r.mv, dtype="<u4", count=cell_count * words_per_cell, offset=start)
-            n_seq_ids = words[1::words_per_cell]
+            n_seq_ids = words[1::words_per_cell]  # n_seq_id is the second word of CELL_RECORD_HEAD
             if bool(np.all(n_seq_ids == k)):
                 r.pos = start + cell_count * words_per_cell * 4
                 spans.append(("cells", start, r.pos))
@@ -264,8 +288,8 @@ def _parse_cells(r: _Reader, cell_count: int, ext_bytes: int, spans: list) -> me
         n_seq_id = r.u32("cell n_seq_id")
         if ext_bytes:
             r.take(ext_bytes, "cell ext record")
-        r.check_count(n_seq_id, 4, f"n_seq_id of cell {i}", at)
-        r.take(4 * n_seq_id, "cell seq ids")
+        r.check_count(n_seq_id, CELL_SEQ_ID_BYTES, f"n_seq_id of cell {i}", at)
+        r.take(CELL_SEQ_ID_BYTES * n_seq_id, "cell seq ids")
     spans.append(("cells", start, r.pos))
     return r.mv[start : r.pos]
 
@@ -277,7 +301,7 @@ def _parse_kv_block(
     expect_layers: list[int] | None,
     model: ModelInfo | None,
 ) -> KVCacheSection:
-    has_n_stream = _has_n_stream(cand.layout)
+    has_n_stream = cand.layout.traits.has_n_stream
     block_start = r.pos
     if has_n_stream:
         at = r.pos
@@ -301,7 +325,7 @@ def _parse_kv_block(
             raise CorruptError(f"v_trans: expected 0 or 1, found {v_trans}", offset=at)
         at = r.pos
         n_layer = r.u32("n_layer")
-        r.check_count(n_layer, 12, "n_layer", at)
+        r.check_count(n_layer, ROW_TENSOR_HEAD.size, "n_layer", at)
         if n_layer == 0:
             raise CorruptError("n_layer: expected at least 1, found 0", offset=at)
         if expect_layers is not None and n_layer != len(expect_layers):
@@ -310,7 +334,7 @@ def _parse_kv_block(
                 offset=at,
             )
         rot = None
-        if _has_rot(cand.layout):
+        if cand.layout.traits.has_rotation_fields:
             rot = (r.u32("n_rot_k"), r.u32("n_rot_v"))
         ks: list[KVTensor] = []
         for il in range(n_layer):
@@ -428,7 +452,7 @@ def _walk_recurrent(mv: memoryview, start: int, end: int) -> bool:
     r = _Reader(mv, start, end)
     try:
         cell_count = r.u32("recurrent cell_count")
-        r.check_count(cell_count, 8, "recurrent cell_count", start)
+        r.check_count(cell_count, CELL_RECORD_HEAD.size, "recurrent cell_count", start)
         for _ in range(cell_count):
             r.i32("pos")
             n = r.u32("n_seq_id")
@@ -476,9 +500,6 @@ def _finish(r: _Reader, mv: memoryview, model: ModelInfo | None, n_blocks: int) 
     return None
 
 
-MAX_KV_CACHES = 2  # iSWA: full-attention cache + SWA cache
-
-
 def _parse_bodies(
     mv: memoryview,
     body_start: int,
@@ -502,7 +523,7 @@ def _parse_bodies(
     prefix_spans: list = []
     arch_bytes = None
     try:
-        if cand.whole:
+        if cand.whole and cand.layout.traits.has_arch_string:
             at = r.pos
             n = r.u32("arch string length")
             if not 0 < n <= MAX_ARCH_LENGTH:
@@ -514,7 +535,7 @@ def _parse_bodies(
                     f"{arch_bytes.decode('utf-8', 'replace')!r}",
                     offset=at + 4,
                 )
-        if cand.whole and _has_outputs(cand.layout):
+        if cand.whole and cand.layout.traits.has_outputs_section:
             prefix.append(_parse_outputs(r, model))
             prefix_spans.append(("outputs", r.pos))
     except DeltaKVError as e:
@@ -570,10 +591,10 @@ def _candidates(
     for layout in layouts:
         plans = None
         if model is not None:
-            # llama.cpp of 2025-05 had no iSWA cache: one cache held every layer.
-            plans = model.kv_cache_layers(sequence=not whole, single_cache=layout == BodyLayout.V9_OUTPUTS)
+            # Before the SWA cache (llama.cpp of 2025-05) one cache held every layer.
+            plans = model.kv_cache_layers(sequence=not whole, single_cache=not layout.traits.has_swa_cache)
         for ext in ext_options:
-            if ext and not _ext_allowed(layout):
+            if ext and not layout.traits.allows_cell_ext_records:
                 continue
             for v in v_options:
                 out.append((_Candidate(layout, whole, ext, -1, v), plans))
@@ -676,7 +697,7 @@ def layout_differences(model: ModelInfo, state: LlamaState) -> list[str]:
                        f"the state {', '.join(map(str, has))}")
         elif role == "V" and want and not has and any(st.cell_count for st in streams):
             out.append("V tensors: the model has them, the state none (an MLA cache)")
-    if _ext_allowed(state.layout):
+    if state.layout.traits.allows_cell_ext_records:
         want_ext = CELL_EXT_BYTES if model.cell_ext else 0
         has_ext = sorted({st.cell_ext_bytes for st in streams if st.cell_count})
         if has_ext and has_ext != [want_ext]:
@@ -707,7 +728,7 @@ def _parse_state(mv: memoryview, framing: Framing | None, model: ModelInfo | Non
             framing = Framing.SEQ_STATE
     else:
         framing = Framing(framing)
-        want = {Framing.SESSION_FILE: SESSION_MAGIC, Framing.SEQUENCE_FILE: SEQUENCE_MAGIC}.get(framing)
+        want = _FILE_MAGIC.get(framing)
         if want is not None and word0 != want:
             raise BadMagicError(
                 f"{framing.value} file: expected magic 0x{want:08X} ('{framing.value}'), found 0x{word0:08X}",
@@ -724,7 +745,7 @@ def _parse_state(mv: memoryview, framing: Framing | None, model: ModelInfo | Non
         r.u32("magic")
         at = r.pos
         file_version = r.u32("version")
-        table = SESSION_VERSION_LAYOUTS if framing == Framing.SESSION_FILE else SEQUENCE_VERSION_LAYOUTS
+        table = _VERSION_LAYOUTS[framing]
         if file_version not in table:
             raise UnsupportedVersionError(
                 f"{framing.value} file version: expected one of {sorted(table)}, found {file_version}", offset=at
@@ -741,7 +762,7 @@ def _parse_state(mv: memoryview, framing: Framing | None, model: ModelInfo | Non
         r.u32("sequence state magic")
         seq_prefix_id = r.i32("source seq_id")
         body_start = r.pos
-        layouts = (BodyLayout.V11, BodyLayout.V10)
+        layouts = _SEQ_PREFIX_LAYOUTS
         kinds = (False,)
     else:
         layouts = _LAYOUT_ORDER
@@ -759,7 +780,7 @@ def _parse_state(mv: memoryview, framing: Framing | None, model: ModelInfo | Non
             raise UnsupportedVersionError(
                 f"expected a state of layout {BodyLayout(layout).value}; its framing allows only "
                 f"{', '.join(lay.value for lay in layouts)}", offset=0)
-        layouts = (layout,)
+        layouts = (BodyLayout(layout),)
     results = []
     # (offset, candidate, error class, message): no exception objects are kept, so that no
     # traceback cycle pins views of ``buf`` (an mmap cannot close while views exist).
@@ -838,7 +859,7 @@ class ServerTokens:
 def parse_server_tokens(token_words) -> ServerTokens | None:
     """Decode a packed llama-server token field; None if it is a plain token list."""
     mv = _as_memoryview(token_words)
-    if len(mv) < 4 or _I32.unpack_from(mv, 0)[0] != -1:
+    if len(mv) < 4 or _I32.unpack_from(mv, 0)[0] != PACKED_TOKENS_MARKER:
         return None
     r = _Reader(mv, 4)
     version = r.u32("server tokens format version")
@@ -872,7 +893,8 @@ def _check_len(what: str, data, want: int) -> None:
 
 
 def _kv_chunks(sec: KVCacheSection, layout: BodyLayout) -> Iterator[bytes | memoryview]:
-    if sec.has_n_stream != _has_n_stream(layout):
+    traits = layout.traits
+    if sec.has_n_stream != traits.has_n_stream:
         raise DeltaKVError(
             f"KV cache with has_n_stream={sec.has_n_stream} cannot be written in layout {layout.value}"
         )
@@ -884,37 +906,39 @@ def _kv_chunks(sec: KVCacheSection, layout: BodyLayout) -> Iterator[bytes | memo
         yield _U32.pack(st.cell_count)
         if st.cell_count == 0 and sec.has_n_stream:
             continue
-        if st.cell_ext_bytes and not _ext_allowed(layout):
+        if st.cell_ext_bytes and not traits.allows_cell_ext_records:
             raise DeltaKVError(f"cell ext records cannot be written in layout {layout.value}")
         yield st.cells
         if st.v_trans is None or st.n_layer is None:
             raise DeltaKVError(f"stream {si}: v_trans and n_layer are needed for a stream with cells")
-        yield _U32.pack(st.v_trans) + _U32.pack(st.n_layer)
-        if _has_rot(layout):
-            rot = st.rot or (0, 0)
-            yield _U32.pack(rot[0]) + _U32.pack(rot[1])
+        yield STREAM_HEAD.pack(st.v_trans, st.n_layer)
+        if traits.has_rotation_fields:
+            yield ROTATION_FIELDS.pack(*(st.rot or (0, 0)))
         elif st.rot not in (None, (0, 0)):
-            raise DeltaKVError(f"stream {si}: Hadamard rotation {st.rot} needs layout v11, not {layout.value}")
+            raise DeltaKVError(
+                f"stream {si}: Hadamard rotation {st.rot} needs layout {' or '.join(_ROTATION_LAYOUTS)}, "
+                f"not {layout.value}"
+            )
         if len(st.k) != st.n_layer or len(st.v) not in (0, st.n_layer):
             raise CorruptError(f"stream {si}: n_layer {st.n_layer}, but {len(st.k)} K and {len(st.v)} V tensors")
         for il, t in enumerate(st.k):
             _check_len(f"stream {si} K layer {il}", t.data, t.row_bytes * st.cell_count)
-            yield _I32.pack(t.ggml_type) + _U64.pack(t.row_bytes)
+            yield ROW_TENSOR_HEAD.pack(t.ggml_type, t.row_bytes)
             yield t.data
         for il, t in enumerate(st.v):
             if t.transposed != bool(st.v_trans):
                 raise CorruptError(f"stream {si} V layer {il}: transposed={t.transposed} but v_trans={st.v_trans}")
             if st.v_trans:
                 _check_len(f"stream {si} V layer {il}", t.data, t.n_values * st.cell_count * t.element_bytes)
-                yield _I32.pack(t.ggml_type) + _U32.pack(t.element_bytes) + _U32.pack(t.n_values)
+                yield TRANSPOSED_V_HEAD.pack(t.ggml_type, t.element_bytes, t.n_values)
             else:
                 _check_len(f"stream {si} V layer {il}", t.data, t.row_bytes * st.cell_count)
-                yield _I32.pack(t.ggml_type) + _U64.pack(t.row_bytes)
+                yield ROW_TENSOR_HEAD.pack(t.ggml_type, t.row_bytes)
             yield t.data
 
 
 def _body_chunks(state: LlamaState, whole: bool) -> Iterator[bytes | memoryview]:
-    if whole:
+    if whole and state.layout.traits.has_arch_string:
         if state.arch_bytes is None:
             raise DeltaKVError("a whole-context body needs the arch string; this state has none")
         yield _U32.pack(len(state.arch_bytes)) + state.arch_bytes
@@ -922,7 +946,7 @@ def _body_chunks(state: LlamaState, whole: bool) -> Iterator[bytes | memoryview]
         if isinstance(sec, KVCacheSection):
             yield from _kv_chunks(sec, state.layout)
         elif isinstance(sec, OpaqueSection):
-            if sec.role == "outputs" and not (whole and _has_outputs(state.layout)):
+            if sec.role == "outputs" and not (whole and state.layout.traits.has_outputs_section):
                 kind = "whole-context" if whole else "sequence"
                 raise DeltaKVError(f"legacy outputs cannot be written in a {kind} body of layout {state.layout.value}")
             yield sec.data
@@ -948,8 +972,8 @@ def iter_state_chunks(
             "bodies hold different cells (and only the former the arch string)"
         )
     if target in (Framing.SESSION_FILE, Framing.SEQUENCE_FILE):
-        magic = SESSION_MAGIC if target == Framing.SESSION_FILE else SEQUENCE_MAGIC
-        table = SESSION_VERSION_LAYOUTS if target == Framing.SESSION_FILE else SEQUENCE_VERSION_LAYOUTS
+        magic = _FILE_MAGIC[target]
+        table = _VERSION_LAYOUTS[target]
         if file_version is None:
             if state.framing == target and state.file_version is not None:
                 file_version = state.file_version
@@ -968,7 +992,7 @@ def iter_state_chunks(
             raise DeltaKVError(f"writing a {target.value} file needs the token list: pass tokens=")
         if len(words) % 4:
             raise CorruptError(f"token field: expected a multiple of 4 bytes, found {len(words)}")
-        yield _U32.pack(magic) + _U32.pack(file_version) + _U32.pack(len(words) // 4)
+        yield STATE_FILE_HEAD.pack(magic, file_version, len(words) // 4)
         yield words
     elif target == Framing.SEQ_STATE:
         if file_version is not None:
@@ -977,10 +1001,10 @@ def iter_state_chunks(
         if state.framing == Framing.SEQ_STATE:
             want_prefix = state.seq_prefix_id is not None or seq_id is not None
         else:
-            # llama.cpp builds that write v10+ prefix every in-memory sequence state
-            want_prefix = seq_id is not None or _ext_allowed(state.layout)
+            # the builds that write this layout prefix every in-memory sequence state, or none
+            want_prefix = seq_id is not None or state.layout.traits.has_seq_state_prefix
         if want_prefix:
-            yield _U32.pack(SEQ_STATE_MAGIC) + _I32.pack(prefix_id if prefix_id is not None else 0)
+            yield SEQ_STATE_PREFIX.pack(SEQ_STATE_MAGIC, prefix_id if prefix_id is not None else 0)
     elif file_version is not None:
         raise DeltaKVError("in-memory whole states have no version word; do not pass file_version")
     yield from _body_chunks(state, dst_whole)

@@ -15,13 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import get_codec
-from .constants import CODEC_DELTA_Q4_0, CODEC_DKV_Q4, FLOAT_TYPES, GGMLType
+from .constants import CODEC_DELTA_Q4_0, CODEC_DKV_Q4, FLOAT_TYPES, GGUF_MAGIC, GGMLType
 from .container import DkvFile, replacing_file
 from .errors import ChecksumError, CodecError, CorruptError, DeltaKVError
 from .session import DkvSession, cell_record_ends, owned_spans, write_session
 from .state_model import Framing, LlamaState, OpaqueSection
-
-DKV_MAGIC = b"GGUF"
 
 
 def check_output_path(path) -> None:
@@ -95,7 +93,7 @@ class MappedFile:
 
 def is_dkv(path) -> bool:
     with open(path, "rb") as f:
-        return f.read(4) == DKV_MAGIC
+        return f.read(4) == GGUF_MAGIC
 
 
 def load_model_info(model_path):
@@ -155,7 +153,7 @@ def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_
     check_output_path(out_path)
     model = load_model_info(model_path)
     with MappedFile(in_path) as mapped:
-        if bytes(mapped.buf[:4]) == DKV_MAGIC:
+        if bytes(mapped.buf[:4]) == GGUF_MAGIC:
             raise DeltaKVError(f"{in_path} is already a GGUF/.dkv file; convert takes a llama.cpp state file")
         state = parse_state_file(mapped, model)
         with writing(out_path):

@@ -1,4 +1,4 @@
-"""Typed view of a llama.cpp state: what ``llama_state_parse`` produces and ``llama_state_write`` consumes.
+"""Typed view of a llama.cpp state: what ``llama_state.parse_state`` produces and ``write_state`` consumes.
 
 A llama.cpp state is framing (file magic, version, token field, sequence prefix),
 a body (arch string, legacy outputs, memory modules) and, inside the attention KV
@@ -10,7 +10,10 @@ K/V payloads are exposed token-major ("one row per cell"): ``KVTensor.rows()``
 returns a ``(cell_count, n_values)`` view of element bit patterns for float
 types, or ``(cell_count, row_bytes)`` bytes for quantized types. A transposed V
 (``v_trans == 1``) is stored by llama.cpp channel-major; ``rows()`` transposes
-it and ``KVTensor.from_rows`` transposes back.
+it and ``KVTensor.payload_from_rows`` transposes back.
+
+Which parts a body has depends on its :class:`BodyLayout`, whose traits (one row per layout)
+live with the other format tables in ``constants.py``.
 """
 
 from __future__ import annotations
@@ -20,26 +23,16 @@ from enum import Enum
 
 import numpy as np
 
-from .constants import FLOAT_TYPES, GGML_BLOCK_SIZES, GGMLType
+from .constants import FLOAT_TYPES, GGML_BLOCK_SIZES, PACKED_TOKENS_MARKER, BodyLayout, GGMLType
 
 
 class Framing(str, Enum):
-    """How the state reached the user (shared/reference/llama-state.md, "four ways")."""
+    """How the state reached the user (docs/llama-state.md, "The four ways a state reaches a user")."""
 
     SESSION_FILE = "ggsn"  # llama_state_save_file
     SEQUENCE_FILE = "ggsq"  # llama_state_seq_save_file, llama-server slot save
     STATE = "state"  # llama_state_get_data (whole context, in memory)
     SEQ_STATE = "seqstate"  # llama_state_seq_get_data (one sequence, in memory)
-
-
-class BodyLayout(str, Enum):
-    """Layout of the state body; the version word alone does not decide it."""
-
-    V9_OUTPUTS = "v9-outputs"  # 2025-05: arch, outputs, logits, embeddings, KV without n_stream
-    V9_OUTPUTS_STREAMS = "v9-outputs-streams"  # 2025-07..2026-02: same with u32 n_stream
-    V9 = "v9"  # 2026-02..: arch, memory
-    V10 = "v10"  # llama-cpp-python 0.3.36: per-cell ext records possible
-    V11 = "v11"  # llama-server 2026: n_rot_k, n_rot_v after v_trans and n_layer
 
 
 def element_dtype(ggml_type: int) -> np.dtype:
@@ -149,6 +142,6 @@ class LlamaState:
         if self.token_words is None:
             return None
         words = np.frombuffer(self.token_words, dtype="<i4")
-        if len(words) and words[0] == -1:
+        if len(words) and words[0] == PACKED_TOKENS_MARKER:
             return None  # llama-server's packed token blob
         return words
