@@ -39,7 +39,7 @@ def test_gguf_reader_opens_every_dkv(tmp_dkv, codec):
 def test_write_then_read_rebuilds_state(tmp_dkv, codec):
     ctx = SyntheticContext(v_trans=1)
     state = ctx.state(77)
-    with write_session(state, tmp_dkv, codec) as s:
+    with write_session(state, tmp_dkv, codec).open() as s:
         rebuilt = s.to_llama_state()
     assert same_state(state, rebuilt, payload=codec in ("raw", "f16"))
     assert [len(p) for p in payloads(state)] == [len(p) for p in payloads(rebuilt)]
@@ -169,7 +169,7 @@ def test_journal_recovery_commits_or_discards(tmp_path):
             assert s.n_tokens == 90
     finally:
         os.chmod(path, 0o644)
-    with DkvSession(path) as s:  # writable: replays and deletes the journal
+    with DkvSession.open_for_append(path) as s:  # a writer: replays and deletes the journal
         assert s.n_tokens == 90
         assert s.file.verify() == []
     assert not os.path.exists(str(path) + "-journal")
@@ -181,6 +181,6 @@ def test_incomplete_journal_is_discarded(tmp_path):
     write_session(ctx.state(40), path, "dkv-q4").close()
     with open(str(path) + "-journal", "wb") as j:
         j.write(b"DKVJ" + b"\x01\x00\x00\x00" + b"\xff" * 30)  # torn journal
-    with DkvSession(path) as s:
+    with DkvSession.open_for_append(path) as s:  # a writer deletes it
         assert s.n_tokens == 40
     assert not os.path.exists(str(path) + "-journal")
