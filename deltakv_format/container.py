@@ -388,15 +388,19 @@ class DkvFile:
     as they are. :meth:`open_for_append` opens the file for a writer.
     """
 
-    def __init__(self, path, *, verify_checksums: bool = True, _locked_file=None):
+    def __init__(self, path, *, verify_checksums: bool = True, _locked=None):
         self.path = Path(path)
         self.verify_checksums = verify_checksums
         self._verified: set[str] = set()  # tensors whose CRC tensor() has checked
-        self.locked = _locked_file is not None
+        # (lock, reader): the flock-ed descriptor a writer writes through, and one of the same file to map.
+        # Two open files, because the map keeps a duplicate of the one it maps, and the header's arrays
+        # keep the map open after close(): the lock must go with close() all the same.
+        self._lock_file = _locked[0] if _locked is not None else None
+        self.locked = _locked is not None
         # A locked file's journal was recovered when it was locked (a writer's first step).
         journal = None if self.locked else _read_journal(self.path)
         if self.locked:
-            self._file = _locked_file
+            self._file = _locked[1]
         else:
             try:
                 self._file = open(self.path, "rb")
@@ -427,13 +431,19 @@ class DkvFile:
         interrupted append's journal, then read the header (SPEC.md 8, step 1).
         :func:`append_container` takes a file opened this way."""
         path = Path(path)
-        lock = _open_locked(path)
-        try:
-            _recover_locked(path)
-        except BaseException:
+        while True:
+            lock = _open_locked(path)
+            try:
+                _recover_locked(path)
+                reader = open(path, "rb")
+            except BaseException:
+                lock.close()
+                raise
+            locked, read = os.fstat(lock.fileno()), os.fstat(reader.fileno())
+            if (locked.st_dev, locked.st_ino) == (read.st_dev, read.st_ino):
+                return cls(path, verify_checksums=verify_checksums, _locked=(lock, reader))
+            reader.close()  # a new file was renamed over the path meanwhile: lock that one
             lock.close()
-            raise
-        return cls(path, verify_checksums=verify_checksums, _locked_file=lock)
 
     # -- structure checks ---------------------------------------------------------------
 
@@ -561,10 +571,11 @@ class DkvFile:
             except BufferError:
                 pass  # numpy views still alive; the map closes when they go
             self._map = None
-        f = getattr(self, "_file", None)
-        if f is not None:
-            f.close()
-            self._file = None
+        for name in ("_file", "_lock_file"):
+            f = getattr(self, name, None)
+            if f is not None:
+                f.close()
+                setattr(self, name, None)
 
     def __enter__(self):
         return self
@@ -604,7 +615,7 @@ def append_container(file: DkvFile, kvs: list[KeyValue], new_tensors: list[Tenso
         write_container(path, kvs, old_tensors + new_tensors, progress)
         return
     # Written through the locked descriptor: the file whose header was read, whatever the path names now.
-    f = file._file
+    f = file._lock_file
     f.truncate(committed_end)  # drop the leftovers of an append that never committed
     f.seek(committed_end)
     new_crcs = _write_tensors(f, new_tensors, new_infos, data_start, progress)
