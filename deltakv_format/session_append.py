@@ -149,7 +149,8 @@ def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, p
         return {"rows_added": sum(st.cell_count for _, st in live_streams(state)),
                 "tokens_added": 0 if tokens is None else len(tokens), "rewritten": rewrite}
     kvs, tensors, summary = result
-    append_container(old.file, kvs, tensors)
+    if kvs:  # nothing new (no rows, no tokens) is nothing to write
+        append_container(old.file, kvs, tensors)
     return summary
 
 

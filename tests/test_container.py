@@ -286,3 +286,17 @@ def test_an_append_needs_the_session_opened_for_it(tmp_path):
             fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(path, "rb") as other:
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the session
+
+
+def test_an_append_of_nothing_new_leaves_the_file_as_it_was(tmp_path):
+    """Found while moving the append: with no new rows and no new tokens (extend twice in a row) the
+    append committed a header with no session keys, and the file no longer opened."""
+    ctx = SyntheticContext()
+    path = tmp_path / "s.dkv"
+    write_session(ctx.state(40), path, "dkv-q4").close()
+    append_session(path, ctx.state(70))
+    before = path.read_bytes()
+    assert append_session(path, ctx.state(70)) == {"rows_added": 0, "tokens_added": 0, "rewritten": None}
+    assert path.read_bytes() == before
+    with DkvSession(path) as s:
+        assert s.n_tokens == 70 and same_state(s.to_llama_state(), ctx.state(70), payload=False)
