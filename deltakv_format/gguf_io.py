@@ -258,8 +258,9 @@ def _read_value(cur: _Cursor, value_type: int, key: str, skip_string_arrays: boo
         n = cur.count(f"array length of {key!r}", dt.itemsize, MAX_STRING_LENGTH)
         at = cur.pos
         raw = cur.take(n * dt.itemsize, f"array of {key!r}")
-        for i in sorted({0, 1, 2, 3, n - 1} & set(range(n))) if cur.fields is not None else ():
-            cur.note(at + i * dt.itemsize, dt.itemsize)  # the first few and the last: the likely sizes and ends
+        if cur.fields is not None:  # the first few entries and the last: where sizes and ends tend to be
+            for i in sorted({i for i in (0, 1, 2, 3, n - 1) if 0 <= i < n}):
+                cur.note(at + i * dt.itemsize, dt.itemsize)
         return np.frombuffer(raw, dtype=dt), GGUFValueType(element_type)
     if value_type not in _SCALAR_FORMATS:
         raise CorruptError(f"key {key!r} has value type {value_type}; expected 0..12", offset=cur.pos - 4)

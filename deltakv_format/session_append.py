@@ -106,7 +106,7 @@ def rewrite_session(path, state: LlamaState, old: DkvSession) -> None:
                for role in ROLES}
     extra = [kv for key, kv in old.file.kvs.items() if key.startswith("deltakv.runtime.")]
     write_session(state, path, get_codec(old.codec_name), k_codec=by_role["k"], v_codec=by_role["v"],
-                  extra_kvs=extra, track_codecs=track_codecs).close()
+                  extra_kvs=extra, track_codecs=track_codecs)
 
 
 def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, progress=None) -> dict:

@@ -186,7 +186,7 @@ class StateTarget:
         from deltakv_format.session import DkvSession, write_session
 
         path = self.dir / "rt.dkv"
-        write_session(state, path, "raw").close()
+        write_session(state, path, "raw")
         with DkvSession(path) as s:
             problems = s.file.verify()
             if problems:
@@ -555,7 +555,7 @@ def _write_small_reserve(state, path, codec):
     saved = container.HEADER_RESERVE_MIN
     container.HEADER_RESERVE_MIN = 256
     try:
-        write_session(state, path, codec).close()
+        write_session(state, path, codec)
     finally:
         container.HEADER_RESERVE_MIN = saved
 

@@ -205,8 +205,7 @@ def save(llm, path, *, codec: Codec | str | None = DEFAULT_CODEC, seq_id: int = 
         raise DeltaKVError("the context is empty: evaluate a prompt before saving")
     state = live_state(llm, seq_id, tokens=tokens)
     with accelerated():
-        write_session(state, path, codec, k_codec=k_codec, v_codec=v_codec,
-                      extra_kvs=_runtime_kvs(llm, seq_id)).close()
+        write_session(state, path, codec, k_codec=k_codec, v_codec=v_codec, extra_kvs=_runtime_kvs(llm, seq_id))
     return Path(path)
 
 
