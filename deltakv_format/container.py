@@ -4,6 +4,11 @@ Writing a new file goes through a temporary file, fsync and an atomic rename.
 Appending writes the new tensors after the committed end of the file, then
 commits the new header through a redo journal (``<path>-journal``): the file on
 disk is always the complete old or the complete new snapshot (SPEC.md, "Append").
+
+Only writers change a file. Recovering an interrupted append's journal is a step of
+every writer (:func:`recover_journal`, done by :func:`write_container` and
+:meth:`DkvFile.open_for_append`); a reader that finds a committed journal reads the
+journal's header in place of the file's and leaves both alone.
 """
 
 from __future__ import annotations
@@ -252,9 +257,14 @@ def replacing_file(path: Path):
         raise
 
 
-def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progress=None) -> None:
-    """Write a complete .dkv atomically: temp file in the same folder, fsync, rename."""
+def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progress=None) -> int:
+    """Write a complete .dkv atomically: temp file in the same folder, fsync, rename. Returns the
+    size of the file written.
+
+    An interrupted append's journal for ``path`` is recovered first: left behind, it would be read
+    as a committed header of the new file."""
     path = Path(path)
+    recover_journal(path)
     infos = layout_tensors(tensors)
     # First pass sizes the header; CRCs are only known after the data is written.
     provisional = build_header(kvs, infos, [0] * len(infos), None)
@@ -262,9 +272,11 @@ def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progre
     with replacing_file(path) as f:
         f.write(provisional)
         crcs = _write_tensors(f, tensors, infos, data_start, progress)
+        file_size = f.tell()
         header = build_header(kvs, infos, crcs, data_start)
         f.seek(0)
         f.write(header)
+    return file_size
 
 
 # ---- reading --------------------------------------------------------------------------
@@ -309,27 +321,95 @@ def _replay_journal(path: Path, journal: Journal) -> None:
     _fsync_dir(path)
 
 
-class DkvFile:
-    """A memory-mapped .dkv file. Tensor reads are zero-copy numpy views into the map."""
+def _open_locked(path: Path):
+    """``path`` opened for update under an exclusive flock (SPEC.md 8, step 1).
 
-    def __init__(self, path, *, verify_checksums: bool = True, recover: bool = True):
+    The lock is taken on the file the path names once the lock is held: a writer that renamed a
+    new file over the path while this one waited leaves it holding the lock of a file no one reads,
+    so it takes the new file's instead."""
+    import fcntl
+
+    while True:
+        try:
+            f = open(path, "r+b")
+        except FileNotFoundError as e:
+            raise DeltaKVError(f"no such file: {path}") from e
+        except IsADirectoryError as e:
+            raise DeltaKVError(f"{path} is a folder, expected a .dkv file") from e
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            locked, named = os.fstat(f.fileno()), os.stat(path)
+        except FileNotFoundError:
+            f.close()
+            continue  # renamed away while we waited: the next open tells whether a file is there
+        except BaseException:
+            f.close()
+            raise
+        if (locked.st_dev, locked.st_ino) == (named.st_dev, named.st_ino):
+            return f
+        f.close()
+
+
+def _recover_locked(path: Path) -> str | None:
+    jpath = Path(str(path) + JOURNAL_SUFFIX)
+    if not os.path.lexists(jpath):
+        return None
+    journal = _read_journal(path)
+    if journal is not None:
+        _replay_journal(path, journal)
+        return "replayed"
+    os.unlink(jpath)  # short, torn or another file's: the append never committed
+    return "discarded"
+
+
+def recover_journal(path) -> str | None:
+    """Finish or undo an interrupted append of ``path`` (SPEC.md 8, "Recovery"), under the file's
+    lock: a committed journal is replayed into the file, any other journal deleted.
+
+    A step of every writer, before it writes; readers never call it. Returns ``"replayed"``,
+    ``"discarded"`` or None (no journal)."""
+    path = Path(path)
+    jpath = Path(str(path) + JOURNAL_SUFFIX)
+    if not os.path.lexists(jpath):
+        return None
+    if not os.path.exists(path):
+        os.unlink(jpath)  # the journal of a file that is gone commits nothing
+        return "discarded"
+    lock = _open_locked(path)
+    try:
+        return _recover_locked(path)
+    finally:
+        lock.close()
+
+
+class DkvFile:
+    """A memory-mapped .dkv file. Tensor reads are zero-copy numpy views into the map.
+
+    ``DkvFile(path)`` only reads: where an append committed its journal but did not yet write the
+    header in place, it reads the journal's header (SPEC.md 8) and leaves the file and the journal
+    as they are. :meth:`open_for_append` opens the file for a writer.
+    """
+
+    def __init__(self, path, *, verify_checksums: bool = True, _locked=None):
         self.path = Path(path)
         self.verify_checksums = verify_checksums
         self._verified: set[str] = set()  # tensors whose CRC tensor() has checked
-        journal = _read_journal(self.path)
-        if journal is not None and recover and os.access(self.path, os.W_OK):
-            _replay_journal(self.path, journal)
-            journal = None
-        elif journal is None and recover and os.path.exists(str(self.path) + JOURNAL_SUFFIX) and os.access(
-            self.path.parent, os.W_OK
-        ):
-            os.unlink(str(self.path) + JOURNAL_SUFFIX)  # incomplete journal: the append never committed
-        try:
-            self._file = open(self.path, "rb")
-        except FileNotFoundError as e:
-            raise DeltaKVError(f"no such file: {self.path}") from e
-        except IsADirectoryError as e:
-            raise DeltaKVError(f"{self.path} is a folder, expected a .dkv file") from e
+        # (lock, reader): the flock-ed descriptor a writer writes through, and one of the same file to map.
+        # Two open files, because the map keeps a duplicate of the one it maps, and the header's arrays
+        # keep the map open after close(): the lock must go with close() all the same.
+        self._lock_file = _locked[0] if _locked is not None else None
+        self.locked = _locked is not None
+        # A locked file's journal was recovered when it was locked (a writer's first step).
+        journal = None if self.locked else _read_journal(self.path)
+        if self.locked:
+            self._file = _locked[1]
+        else:
+            try:
+                self._file = open(self.path, "rb")
+            except FileNotFoundError as e:
+                raise DeltaKVError(f"no such file: {self.path}") from e
+            except IsADirectoryError as e:
+                raise DeltaKVError(f"{self.path} is a folder, expected a .dkv file") from e
         try:
             self.file_size = os.fstat(self._file.fileno()).st_size
             if self.file_size < 24:
@@ -346,6 +426,26 @@ class DkvFile:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def open_for_append(cls, path, *, verify_checksums: bool = True) -> "DkvFile":
+        """Open ``path`` for a writer: take its exclusive lock (held until :meth:`close`), recover an
+        interrupted append's journal, then read the header (SPEC.md 8, step 1).
+        :func:`append_container` takes a file opened this way."""
+        path = Path(path)
+        while True:
+            lock = _open_locked(path)
+            try:
+                _recover_locked(path)
+                reader = open(path, "rb")
+            except BaseException:
+                lock.close()
+                raise
+            locked, read = os.fstat(lock.fileno()), os.fstat(reader.fileno())
+            if (locked.st_dev, locked.st_ino) == (read.st_dev, read.st_ino):
+                return cls(path, verify_checksums=verify_checksums, _locked=(lock, reader))
+            reader.close()  # a new file was renamed over the path meanwhile: lock that one
+            lock.close()
 
     # -- structure checks ---------------------------------------------------------------
 
@@ -473,10 +573,11 @@ class DkvFile:
             except BufferError:
                 pass  # numpy views still alive; the map closes when they go
             self._map = None
-        f = getattr(self, "_file", None)
-        if f is not None:
-            f.close()
-            self._file = None
+        for name in ("_file", "_lock_file"):
+            f = getattr(self, name, None)
+            if f is not None:
+                f.close()
+                setattr(self, name, None)
 
     def __enter__(self):
         return self
@@ -488,53 +589,52 @@ class DkvFile:
 # ---- append ---------------------------------------------------------------------------
 
 
-def append_container(path, kvs: list[KeyValue], new_tensors: list[TensorData], progress=None) -> None:
-    """Add tensors and replace the key-values of an existing .dkv, crash-safely.
+def append_container(file: DkvFile, kvs: list[KeyValue], new_tensors: list[TensorData], progress=None) -> None:
+    """Add tensors and replace the key-values of an existing .dkv, crash-safely (SPEC.md 8).
 
-    Costs O(new tensors + header): new data goes after the committed end; the new
-    header is made durable in the journal before it overwrites the old one in place.
-    If the reserved header region is too small, the file is rewritten (atomic rename).
+    ``file`` is the file as :meth:`DkvFile.open_for_append` opened it: locked, its journal
+    recovered, its header read once. Costs O(new tensors + header): new data goes after the
+    committed end; the new header is made durable in the journal before it overwrites the old one
+    in place. If the reserved header region is too small, the file is rewritten (atomic rename).
+    ``file`` still describes the snapshot it was opened on; close it (the lock goes with it).
     """
-    import fcntl
-
-    path = Path(path)
-    lock = open(path, "r+b")
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        with DkvFile(path) as old:
-            old_infos = list(old.header.tensors)
-            old_crcs = [old._tensor_crc[t.name] for t in old_infos]
-            data_start = old.data_start
-            committed_end = old.data_end
-            clash = [t.name for t in new_tensors if t.name in old.tensor_infos]
-            if clash:
-                raise DeltaKVError(f"append would redefine tensors {clash[:3]}")
-            new_infos = layout_tensors(new_tensors, committed_end - data_start)
-            header = build_header(kvs, old_infos + new_infos, old_crcs + [0] * len(new_infos), data_start)
-            if not header:
-                old_tensors = [TensorData(t.name, t.ggml_type, t.shape, old._buf[old.data_start + t.offset:old.data_start + t.offset + t.nbytes]) for t in old_infos]
-                write_container(path, kvs, old_tensors + new_tensors, progress)
-                return
-        with open(path, "r+b") as f:
-            f.truncate(committed_end)  # drop the leftovers of an append that never committed
-            f.seek(committed_end)
-            new_crcs = _write_tensors(f, new_tensors, new_infos, data_start, progress)
-            f.flush()
-            os.fsync(f.fileno())
-            committed_size = f.tell()
-            header = build_header(kvs, old_infos + new_infos, old_crcs + new_crcs, data_start)
-            jpath = Path(str(path) + JOURNAL_SUFFIX)
-            with open(jpath, "wb") as j:
-                j.write(JOURNAL_MAGIC + JOURNAL_HEADER.pack(JOURNAL_VERSION, committed_size, len(header), crc32c(header)))
-                j.write(header)
-                j.flush()
-                os.fsync(j.fileno())
-            _fsync_dir(path)
-            f.seek(0)
-            f.write(header)
-            f.flush()
-            os.fsync(f.fileno())
-        os.unlink(jpath)
-        _fsync_dir(path)
-    finally:
-        lock.close()
+    if not file.locked:
+        raise DeltaKVError(f"append_container({file.path}): expected a file opened with DkvFile.open_for_append "
+                           f"(it holds the file's lock), found one opened read-only")
+    path = file.path
+    old_infos = list(file.header.tensors)
+    old_crcs = [file._tensor_crc[t.name] for t in old_infos]
+    data_start = file.data_start
+    committed_end = file.data_end
+    clash = [t.name for t in new_tensors if t.name in file.tensor_infos]
+    if clash:
+        raise DeltaKVError(f"append would redefine tensors {clash[:3]}")
+    new_infos = layout_tensors(new_tensors, committed_end - data_start)
+    header = build_header(kvs, old_infos + new_infos, old_crcs + [0] * len(new_infos), data_start)
+    if not header:
+        old_tensors = [TensorData(t.name, t.ggml_type, t.shape, file._buf[data_start + t.offset:data_start + t.offset + t.nbytes])
+                       for t in old_infos]
+        write_container(path, kvs, old_tensors + new_tensors, progress)
+        return
+    # Written through the locked descriptor: the file whose header was read, whatever the path names now.
+    f = file._lock_file
+    f.truncate(committed_end)  # drop the leftovers of an append that never committed
+    f.seek(committed_end)
+    new_crcs = _write_tensors(f, new_tensors, new_infos, data_start, progress)
+    f.flush()
+    os.fsync(f.fileno())
+    committed_size = f.tell()
+    header = build_header(kvs, old_infos + new_infos, old_crcs + new_crcs, data_start)
+    jpath = Path(str(path) + JOURNAL_SUFFIX)
+    with open(jpath, "wb") as j:
+        j.write(JOURNAL_MAGIC + JOURNAL_HEADER.pack(JOURNAL_VERSION, committed_size, len(header), crc32c(header)))
+        j.write(header)
+        j.flush()
+        os.fsync(j.fileno())
+    _fsync_dir(path)
+    f.seek(0)
+    f.write(header)
+    f.flush()
+    os.fsync(f.fileno())
+    os.unlink(jpath)
+    _fsync_dir(path)

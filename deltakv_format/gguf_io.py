@@ -4,6 +4,11 @@ Only what Delta-KV needs: key-values of every GGUF type, tensor infos, and
 alignment. The parser never trusts a count: every length is checked against the
 bytes that remain before anything is allocated, and every failure is a
 :class:`~deltakv_format.errors.DeltaKVError` that names the offset.
+
+It is the one GGUF reader of the package: the .dkv container, the model reader
+(``model_info``, which reads a model's key-values only and skips its vocabulary's
+strings) and the fuzz mutators (which ask where its integer fields are) all use
+:func:`parse_header`.
 """
 
 from __future__ import annotations
@@ -55,10 +60,20 @@ _ARRAY_DTYPES = {
 
 
 @dataclass(frozen=True)
+class SkippedStrings:
+    """An array of strings that ``parse_header(skip_string_arrays=True)`` skipped; only its length is kept."""
+
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass(frozen=True)
 class KeyValue:
     key: str
     value_type: GGUFValueType
-    value: object  # int/float/bool/str, list[str], or a numpy array for numeric arrays
+    value: object  # int/float/bool/str, list[str] (or SkippedStrings), or a numpy array for numeric arrays
     element_type: GGUFValueType | None = None  # arrays only
     value_offset: int = -1  # where the value's bytes start in the file (parsed headers only)
 
@@ -140,12 +155,32 @@ def pack_header(kvs: list[KeyValue], tensors: list[TensorInfo]) -> bytes:
 # ---- reading ------------------------------------------------------------------------
 
 
+_U64 = struct.Struct("<Q")
+
+
+def _item_sizes(fmt: str) -> list[int]:
+    """The byte width of each item of a little-endian struct format such as ``"<IQ"`` or ``"<3Q"``."""
+    sizes, repeat = [], ""
+    for c in fmt.lstrip("<"):
+        if c.isdigit():
+            repeat += c
+            continue
+        sizes += [struct.calcsize("<" + c)] * int(repeat or 1)
+        repeat = ""
+    return sizes
+
+
 class _Cursor:
-    def __init__(self, buf, limit: int, what: str):
+    def __init__(self, buf, limit: int, what: str, fields: list | None = None):
         self.buf = buf
         self.pos = 0
         self.limit = limit
         self.what = what
+        self.fields = fields  # where given: (offset, width) of every integer or float field read
+
+    def note(self, offset: int, width: int) -> None:
+        if self.fields is not None:
+            self.fields.append((offset, width))
 
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or self.pos + n > self.limit:
@@ -158,6 +193,11 @@ class _Cursor:
 
     def unpack(self, fmt: str, what: str):
         size = struct.calcsize(fmt)
+        if self.fields is not None:
+            at = self.pos
+            for width in _item_sizes(fmt):
+                self.note(at, width)
+                at += width
         return struct.unpack(fmt, self.take(size, what))
 
     def count(self, what: str, element_bytes: int, cap: int) -> int:
@@ -180,14 +220,34 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise CorruptError(f"{what} is not valid UTF-8 ({e.reason})", offset=at) from e
 
+    def skip_strings(self, n: int, what: str, cap: int = MAX_STRING_LENGTH) -> None:
+        """Step over ``n`` strings, each length checked as :meth:`string` checks it, none decoded
+        (a model's vocabulary: hundreds of thousands of them)."""
+        buf, pos, limit = self.buf, self.pos, self.limit
+        for _ in range(n):
+            if limit - pos < 8:
+                self.pos = pos
+                self.take(8, f"length of {what}")  # raises TruncatedError with this cursor's wording
+            self.note(pos, 8)
+            (length,) = _U64.unpack_from(buf, pos)
+            if length > cap or length > limit - pos - 8:
+                raise LimitExceededError(
+                    f"length of {what} is {length}, more than the {limit - pos - 8} remaining bytes can hold "
+                    f"(limit {cap})", offset=pos)
+            pos += 8 + length
+        self.pos = pos
 
-def _read_value(cur: _Cursor, value_type: int, key: str):
+
+def _read_value(cur: _Cursor, value_type: int, key: str, skip_string_arrays: bool = False):
     if value_type == GGUFValueType.STRING:
         return cur.string(f"string value of {key!r}"), None
     if value_type == GGUFValueType.ARRAY:
         (element_type,) = cur.unpack("<I", f"array type of {key!r}")
         if element_type == GGUFValueType.STRING:
             n = cur.count(f"array length of {key!r}", 8, MAX_HEADER_ITEMS)
+            if skip_string_arrays:
+                cur.skip_strings(n, f"element of {key!r}")
+                return SkippedStrings(n), GGUFValueType.STRING
             return [cur.string(f"element of {key!r}") for _ in range(n)], GGUFValueType.STRING
         if element_type not in _ARRAY_DTYPES:
             raise CorruptError(
@@ -196,7 +256,11 @@ def _read_value(cur: _Cursor, value_type: int, key: str):
             )
         dt = np.dtype(_ARRAY_DTYPES[element_type])
         n = cur.count(f"array length of {key!r}", dt.itemsize, MAX_STRING_LENGTH)
+        at = cur.pos
         raw = cur.take(n * dt.itemsize, f"array of {key!r}")
+        if cur.fields is not None:  # the first few entries and the last: where sizes and ends tend to be
+            for i in sorted({i for i in (0, 1, 2, 3, n - 1) if 0 <= i < n}):
+                cur.note(at + i * dt.itemsize, dt.itemsize)
         return np.frombuffer(raw, dtype=dt), GGUFValueType(element_type)
     if value_type not in _SCALAR_FORMATS:
         raise CorruptError(f"key {key!r} has value type {value_type}; expected 0..12", offset=cur.pos - 4)
@@ -204,16 +268,27 @@ def _read_value(cur: _Cursor, value_type: int, key: str):
     return value, None
 
 
-def parse_header(buf, size: int | None = None, *, what: str = "GGUF header") -> GGUFHeader:
-    """Parse a GGUF v3 header from ``buf`` (bytes, memoryview or mmap)."""
+def parse_header(buf, size: int | None = None, *, what: str = "GGUF header", versions: tuple[int, ...] = (GGUF_VERSION,),
+                 key_values_only: bool = False, skip_string_arrays: bool = False,
+                 fields: list | None = None) -> GGUFHeader:
+    """Parse a GGUF header from ``buf`` (bytes, memoryview or mmap).
+
+    ``versions``: the GGUF versions accepted (v2 and v3 share this layout; a .dkv is v3).
+    ``key_values_only``: stop after the key-values (a model's tensor infos may use ggml types this
+    reader does not know); the header then has no tensors. ``skip_string_arrays``: arrays of strings
+    are stepped over (every length still checked) and kept as :class:`SkippedStrings`.
+    ``fields``: a list to append ``(offset, width)`` of every integer and float field read to, for
+    the fuzz mutators (on an error, the fields before it are there).
+    """
     limit = len(buf) if size is None else size
-    cur = _Cursor(buf, limit, what)
+    cur = _Cursor(buf, limit, what, fields)
     magic = bytes(cur.take(4, "magic"))
     if magic != GGUF_MAGIC:
         raise BadMagicError(f"expected magic {GGUF_MAGIC!r} (a GGUF / .dkv file), found {magic!r}", offset=0)
     (version,) = cur.unpack("<I", "version")
-    if version != GGUF_VERSION:
-        raise UnsupportedVersionError(f"expected GGUF version {GGUF_VERSION}, found {version}", offset=4)
+    if version not in versions:
+        expected = " or ".join(str(v) for v in versions)
+        raise UnsupportedVersionError(f"expected GGUF version {expected}, found {version}", offset=4)
     n_tensors = cur.count("tensor count", 24, MAX_HEADER_ITEMS)
     n_kv = cur.count("key-value count", 13, MAX_HEADER_ITEMS)
     kvs: dict[str, KeyValue] = {}
@@ -224,7 +299,7 @@ def parse_header(buf, size: int | None = None, *, what: str = "GGUF header") -> 
             raise CorruptError(f"key {key!r} appears twice", offset=at)
         (value_type,) = cur.unpack("<I", f"type of {key!r}")
         value_offset = cur.pos
-        value, element_type = _read_value(cur, value_type, key)
+        value, element_type = _read_value(cur, value_type, key, skip_string_arrays)
         kvs[key] = KeyValue(key, GGUFValueType(value_type), value, element_type, value_offset)
     alignment = 32
     if "general.alignment" in kvs:
@@ -232,6 +307,8 @@ def parse_header(buf, size: int | None = None, *, what: str = "GGUF header") -> 
         alignment = kv.value if kv.value_type == GGUFValueType.UINT32 else 0
         if not alignment or alignment & (alignment - 1):
             raise CorruptError(f"general.alignment must be a power of two u32, found {kv.value!r}", offset=kv.value_offset)
+    if key_values_only:
+        return GGUFHeader(version, kvs, [], cur.pos, alignment)
     tensors = []
     names = set()
     for _ in range(n_tensors):

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-from .constants import GGUF_MAGIC, MAX_KEY_LENGTH, MAX_STRING_LENGTH, GGUFValueType
-from .errors import BadMagicError, CorruptError, LimitExceededError, TruncatedError, UnsupportedVersionError
+from .constants import GGUFValueType
+from .errors import CorruptError, DeltaKVError, TruncatedError
+from .gguf_io import SkippedStrings, parse_header
 
 __all__ = ["ModelInfo", "SkippedStrings", "read_gguf_metadata"]
 
@@ -238,117 +238,35 @@ class ModelInfo:
 
 # ---- GGUF key-value section -----------------------------------------------------------------
 
-_SCALAR_FORMATS = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}
-_ARRAY_DTYPES = {
-    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
-    GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4", GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "<u1",
-    GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
-}
 
-
-@dataclass(frozen=True)
-class SkippedStrings:
-    """An array of strings that :func:`read_gguf_metadata` skipped; only its length is kept."""
-
-    count: int
-
-    def __len__(self) -> int:
-        return self.count
+def _python_value(kv):
+    """A key-value as :meth:`ModelInfo.from_metadata` takes it: scalars, str, lists, SkippedStrings."""
+    if isinstance(kv.value, np.ndarray):
+        items = kv.value.tolist()
+        return [bool(x) for x in items] if kv.element_type == GGUFValueType.BOOL else items
+    return kv.value
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict:
     """The key-values of a GGUF file (v2/v3) as Python values; arrays of strings become
-    :class:`SkippedStrings` (their length only)."""
+    :class:`SkippedStrings` (their length only). Read with :func:`~deltakv_format.gguf_io.parse_header`,
+    every length bounds-checked."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 24:
             raise TruncatedError(f"GGUF header: expected at least 24 bytes, found {size}", path=path, offset=0)
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            mv = memoryview(mm)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            header = parse_header(mapped, what="GGUF model header", versions=(2, 3), key_values_only=True,
+                                  skip_string_arrays=True)
+            values = {key: _python_value(kv) for key, kv in header.kvs.items()}
+            del header  # its numeric arrays view the map
+        except DeltaKVError as e:
+            raise type(e)(e.bare_message, offset=e.offset, path=path) from e
+        finally:
             try:
-                return _read_kv(mv, path)
-            finally:
-                mv.release()  # _read_kv keeps no views, so the mapping can close even on errors
-
-
-def _read_kv(mv: memoryview, path: str) -> dict:
-    n = len(mv)
-    pos = 0
-
-    def need(k: int, what: str) -> None:
-        if k > n - pos:
-            raise TruncatedError(f"{what}: expected {k} bytes, found {n - pos}", path=path, offset=pos)
-
-    def unpack(fmt: str, what: str):
-        nonlocal pos
-        k = struct.calcsize(fmt)
-        need(k, what)
-        (v,) = struct.unpack_from(fmt, mv, pos)
-        pos += k
-        return v
-
-    def string(what: str, limit: int) -> bytes:
-        nonlocal pos
-        at = pos
-        length = unpack("<Q", f"{what} length")
-        if length > limit:
-            raise LimitExceededError(f"{what} length: expected at most {limit}, found {length}", path=path, offset=at)
-        need(length, what)
-        out = bytes(mv[pos : pos + length])
-        pos += length
-        return out
-
-    if bytes(mv[:4]) != GGUF_MAGIC:
-        raise BadMagicError(f"expected GGUF magic {GGUF_MAGIC!r}, found {bytes(mv[:4])!r}", path=path, offset=0)
-    pos = 4
-    version = unpack("<I", "GGUF version")
-    if version not in (2, 3):
-        raise UnsupportedVersionError(f"GGUF version: expected 2 or 3, found {version}", path=path, offset=4)
-    unpack("<Q", "tensor count")
-    at = pos
-    n_kv = unpack("<Q", "key-value count")
-    if n_kv > (n - pos) // 12:
-        raise LimitExceededError(f"key-value count {n_kv} cannot fit in {n - pos} bytes", path=path, offset=at)
-    values: dict = {}
-    for _ in range(n_kv):
-        key = string("key", MAX_KEY_LENGTH).decode("utf-8", "replace")
-        at = pos
-        vtype = unpack("<I", f"type of {key}")
-        if vtype == GGUFValueType.STRING:
-            values[key] = string(key, MAX_STRING_LENGTH).decode("utf-8", "replace")
-        elif vtype in _SCALAR_FORMATS:
-            values[key] = unpack(_SCALAR_FORMATS[vtype], key)
-        elif vtype == GGUFValueType.ARRAY:
-            etype = unpack("<I", f"element type of {key}")
-            at = pos
-            count = unpack("<Q", f"length of {key}")
-            if etype == GGUFValueType.STRING:
-                if count > (n - pos) // 8:
-                    raise LimitExceededError(
-                        f"{key}: {count} strings cannot fit in {n - pos} bytes", path=path, offset=at
-                    )
-                for _ in range(count):  # skipped: vocabularies and merges are not needed here
-                    at = pos
-                    length = unpack("<Q", f"string in {key}")
-                    need(length, f"string in {key}")
-                    pos += length
-                values[key] = SkippedStrings(count)
-            elif etype in _ARRAY_DTYPES:
-                dt = np.dtype(_ARRAY_DTYPES[etype])
-                if count > (n - pos) // dt.itemsize:
-                    raise LimitExceededError(
-                        f"{key}: {count} elements cannot fit in {n - pos} bytes", path=path, offset=at
-                    )
-                items = np.frombuffer(mv, dtype=dt, count=count, offset=pos).tolist()
-                values[key] = [bool(x) for x in items] if etype == GGUFValueType.BOOL else items
-                pos += count * dt.itemsize
-            else:
-                raise CorruptError(f"{key}: expected an array element type, found {etype}", path=path, offset=at)
-        else:
-            raise CorruptError(f"{key}: expected a GGUF value type, found {vtype}", path=path, offset=at)
+                mapped.close()
+            except BufferError:
+                pass  # views held by an error's traceback: the map closes when they go
     return values

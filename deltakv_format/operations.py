@@ -18,7 +18,10 @@ from .codecs import get_codec
 from .constants import CODEC_DELTA_Q4_0, CODEC_DKV_Q4, FLOAT_TYPES, GGUF_MAGIC, GGMLType
 from .container import DkvFile, replacing_file
 from .errors import ChecksumError, CodecError, CorruptError, DeltaKVError
-from .session import DkvSession, cell_record_ends, owned_spans, write_session
+from .session_cells import cell_record_ends, owned_spans
+from .session_reader import DkvSession
+from .session_sizes import stored_bytes_by_track
+from .session_writer import write_session
 from .state_model import Framing, LlamaState, OpaqueSection
 
 
@@ -157,17 +160,16 @@ def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_
             raise DeltaKVError(f"{in_path} is already a GGUF/.dkv file; convert takes a llama.cpp state file")
         state = parse_state_file(mapped, model)
         with writing(out_path):
-            session = write_session(state, out_path, codec_obj, progress=progress, k_codec=make(k_codec),
+            written = write_session(state, out_path, codec_obj, progress=progress, k_codec=make(k_codec),
                                     v_codec=make(v_codec))
         source_bytes = len(mapped.buf)
         del state
-    with session:
-        stats = session.stats()
-        by_codec: dict[str, int] = {}
-        for t in session.tracks:
-            by_codec[t.codec.name] = by_codec.get(t.codec.name, 0) + 1
-        return ConvertReport(source_bytes, stats["file_bytes"], stats["kv_source_bytes"], stats["kv_stored_bytes"],
-                             codec_obj.name, by_codec)
+    stats = written.stats()
+    by_codec: dict[str, int] = {}
+    for t in written.tracks:
+        by_codec[t.codec.name] = by_codec.get(t.codec.name, 0) + 1
+    return ConvertReport(source_bytes, stats["file_bytes"], stats["kv_source_bytes"], stats["kv_stored_bytes"],
+                         codec_obj.name, by_codec)
 
 
 # ---- restore ----------------------------------------------------------------------------
@@ -289,10 +291,8 @@ def _bits_per_value(session: DkvSession) -> float | None:
             values += t.n_values * session.stream_cells[t.stream]
     if not values:
         return None
-    stored = 0
-    for t in session.tracks:
-        if t.ggml_type in FLOAT_TYPES:
-            stored += sum(info.nbytes for name, info in session.file.tensor_infos.items() if name.startswith(t.name + "."))
+    by_track = stored_bytes_by_track({name: info.nbytes for name, info in session.file.tensor_infos.items()})
+    stored = sum(by_track.get(t.id, 0) for t in session.tracks if t.ggml_type in FLOAT_TYPES)
     return 8 * stored / values
 
 

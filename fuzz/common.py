@@ -186,7 +186,7 @@ class StateTarget:
         from deltakv_format.session import DkvSession, write_session
 
         path = self.dir / "rt.dkv"
-        write_session(state, path, "raw").close()
+        write_session(state, path, "raw")
         with DkvSession(path) as s:
             problems = s.file.verify()
             if problems:
@@ -203,66 +203,14 @@ class StateTarget:
 
 # ---- mutators ------------------------------------------------------------------------------------
 
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
 def gguf_fields(buf) -> list[tuple[int, int]]:
     """(offset, width) of the integer fields of a GGUF header: counts, lengths, types, scalar values,
-    array counts and (some) elements, tensor dimensions, types and offsets. Tolerates damage."""
+    array counts and (some) elements, tensor dimensions, types and offsets, as gguf_io's parser reads
+    them. Tolerates damage: the fields read before the parser stopped."""
     fields: list[tuple[int, int]] = []
-    n = len(buf)
-    pos = 0
-
-    def u(width):
-        nonlocal pos
-        if pos + width > n:
-            raise IndexError
-        v = int.from_bytes(buf[pos:pos + width], "little")
-        fields.append((pos, width))
-        pos += width
-        return v
-
-    def skip(k):
-        nonlocal pos
-        if k > n - pos:
-            raise IndexError
-        pos += k
-
     try:
-        skip(4)
-        u(4)
-        n_tensors, n_kv = u(8), u(8)
-        for _ in range(min(n_kv, 512)):
-            skip(u(8))
-            vt = u(4)
-            if vt == 8:
-                skip(u(8))
-            elif vt == 9:
-                et, count = u(4), u(8)
-                if et == 8:
-                    for _ in range(min(count, 256)):
-                        skip(u(8))
-                elif et in _SCALAR_SIZES:
-                    w = _SCALAR_SIZES[et]
-                    for i in range(count):
-                        if i < 4 or i == count - 1:
-                            u(w)
-                        else:
-                            skip(w)
-                else:
-                    return fields
-            elif vt in _SCALAR_SIZES:
-                u(_SCALAR_SIZES[vt])
-            else:
-                return fields
-        for _ in range(min(n_tensors, 4096)):
-            skip(u(8))
-            nd = u(4)
-            for _ in range(min(nd, 8)):
-                u(8)
-            u(4)
-            u(8)
-    except IndexError:
+        parse_header(buf, what="fuzz", fields=fields)
+    except DeltaKVError:
         pass
     return fields
 
@@ -607,7 +555,7 @@ def _write_small_reserve(state, path, codec):
     saved = container.HEADER_RESERVE_MIN
     container.HEADER_RESERVE_MIN = 256
     try:
-        write_session(state, path, codec).close()
+        write_session(state, path, codec)
     finally:
         container.HEADER_RESERVE_MIN = saved
 

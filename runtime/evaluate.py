@@ -160,10 +160,11 @@ def _through_codec(seq_blob: memoryview, codec_name: str, params: dict, tmp: Pat
     path = tmp / "eval.dkv"
     params = dict(params)
     per_role = {role: params.pop(role, None) for role in ("k_codec", "v_codec")}
-    with write_session(state, path, get_codec(codec_name, **params), **per_role) as session:
-        stored = sum(info.nbytes for name, info in session.file.tensor_infos.items() if ".l" in name)
+    written = write_session(state, path, get_codec(codec_name, **params), **per_role)
+    stored = written.stats()["kv_stored_bytes"]
+    ratio = written.file_size / len(seq_blob)
+    with written.open() as session:
         restored = session.to_llama_state()
-        ratio = session.file.file_size / len(seq_blob)
     bits = 8 * stored / _kv_values(state)
     return write_state(restored), bits, ratio
 

@@ -24,7 +24,7 @@ from deltakv_format.errors import DeltaKVError, SessionMismatchError
 from deltakv_format.gguf_io import KeyValue
 from deltakv_format.llama_state import file_version_for, parse_state, write_state
 from deltakv_format.model_info import ModelInfo
-from deltakv_format.session import DkvSession, append_session, cell_record_ends, write_session
+from deltakv_format.session import DkvSession, TrackId, append_session, cell_record_ends, write_session
 from deltakv_format.state_model import Framing, LlamaState
 
 KEY_MODEL_DESC = "deltakv.runtime.model_desc"
@@ -205,8 +205,7 @@ def save(llm, path, *, codec: Codec | str | None = DEFAULT_CODEC, seq_id: int = 
         raise DeltaKVError("the context is empty: evaluate a prompt before saving")
     state = live_state(llm, seq_id, tokens=tokens)
     with accelerated():
-        write_session(state, path, codec, k_codec=k_codec, v_codec=v_codec,
-                      extra_kvs=_runtime_kvs(llm, seq_id)).close()
+        write_session(state, path, codec, k_codec=k_codec, v_codec=v_codec, extra_kvs=_runtime_kvs(llm, seq_id))
     return Path(path)
 
 
@@ -244,7 +243,7 @@ def _check_layers(llm, session: DkvSession) -> None:
     if info is None:
         return
     caches = _session_caches(session)
-    tracks = {t.name: t for t in session.tracks}
+    tracks = {t.id: t for t in session.tracks}
 
     def fits(plan) -> bool:
         if len(plan) != len(caches):
@@ -258,7 +257,7 @@ def _check_layers(llm, session: DkvSession) -> None:
                 if session.stream_n_k[g] != len(layers):
                     return False
                 for j, il in enumerate(layers):
-                    k = tracks[f"s{g}.l{j}.k"]
+                    k = tracks[TrackId(g, j, "k")]
                     if k.ggml_type in FLOAT_TYPES and k.n_values != info.n_embd_k_gqa(il):
                         return False
         return True
@@ -270,7 +269,7 @@ def _check_layers(llm, session: DkvSession) -> None:
     for streams in caches:
         g = next((g for g in streams if session.stream_cells[g]), None)
         if g is not None:
-            k0 = tracks.get(f"s{g}.l0.k")
+            k0 = tracks.get(TrackId(g, 0, "k"))
             have.append(f"{session.stream_n_k[g]} layers" + (f" of {k0.n_values}-value K rows" if k0 else ""))
     want = [f"{len(layers)} layers" + (f" of {info.n_embd_k_gqa(layers[0])}-value K rows" if layers else "")
             for layers in plans[0]]
@@ -318,10 +317,10 @@ def _check_fits(llm, session: DkvSession, seq_id: int, live: LlamaState | None =
     params = llm.context_params
     want = {"k": int(params.type_k), "v": int(params.type_v)}
     for t in session.tracks:
-        live_type = want[t.name[-1]]
+        live_type = want[t.id.role]
         if t.ggml_type != live_type:
             raise SessionMismatchError(
-                f"{t.name}: the session's cache is {GGMLType(t.ggml_type).name}, this context's type_{t.name[-1]} "
+                f"{t.name}: the session's cache is {GGMLType(t.ggml_type).name}, this context's type_{t.id.role} "
                 f"is {GGMLType(live_type).name}"
             )
     return live
@@ -372,12 +371,14 @@ def extend(llm, path, *, seq_id: int = 0, tokens=None) -> dict:
     ``tokens``: as for :func:`save`. Returns ``rows_added``, ``tokens_added`` and ``rewritten``
     (None, or why the whole file was written anew).
     """
-    with DkvSession(path) as session:
+    # Opened once, for the append: the header the checks read is the one appended to (the file
+    # stays locked against other writers until the append is done).
+    with DkvSession.open_for_append(path) as session:
         saved_from = session.file.value(KEY_SEQ_ID, None)
         if saved_from is not None and saved_from != seq_id:
             raise SessionMismatchError(f"{path} was saved from sequence {saved_from}; extend(seq_id={seq_id}) would store "
                                        f"another sequence's cells in it: pass seq_id={saved_from}, or save anew")
         _check_fits(llm, session, seq_id)
         state = live_state(llm, seq_id, like=session, tokens=tokens)
-    with accelerated():
-        return append_session(path, state)
+        with accelerated():
+            return append_session(session, state)

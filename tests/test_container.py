@@ -39,7 +39,7 @@ def test_gguf_reader_opens_every_dkv(tmp_dkv, codec):
 def test_write_then_read_rebuilds_state(tmp_dkv, codec):
     ctx = SyntheticContext(v_trans=1)
     state = ctx.state(77)
-    with write_session(state, tmp_dkv, codec) as s:
+    with write_session(state, tmp_dkv, codec).open() as s:
         rebuilt = s.to_llama_state()
     assert same_state(state, rebuilt, payload=codec in ("raw", "f16"))
     assert [len(p) for p in payloads(state)] == [len(p) for p in payloads(rebuilt)]
@@ -169,7 +169,7 @@ def test_journal_recovery_commits_or_discards(tmp_path):
             assert s.n_tokens == 90
     finally:
         os.chmod(path, 0o644)
-    with DkvSession(path) as s:  # writable: replays and deletes the journal
+    with DkvSession.open_for_append(path) as s:  # a writer: replays and deletes the journal
         assert s.n_tokens == 90
         assert s.file.verify() == []
     assert not os.path.exists(str(path) + "-journal")
@@ -181,6 +181,122 @@ def test_incomplete_journal_is_discarded(tmp_path):
     write_session(ctx.state(40), path, "dkv-q4").close()
     with open(str(path) + "-journal", "wb") as j:
         j.write(b"DKVJ" + b"\x01\x00\x00\x00" + b"\xff" * 30)  # torn journal
-    with DkvSession(path) as s:
+    with DkvSession.open_for_append(path) as s:  # a writer deletes it
         assert s.n_tokens == 40
     assert not os.path.exists(str(path) + "-journal")
+
+
+def _committed_journal(tmp_path):
+    """A session whose append crashed after its journal was committed, before the header was written
+    in place: the file's header is the 40-token snapshot, the journal's the 90-token one."""
+    import deltakv_format.container as container
+
+    ctx = SyntheticContext()
+    path = tmp_path / "s.dkv"
+    write_session(ctx.state(40), path, "dkv-q4").close()
+
+    class Crash(Exception):
+        pass
+
+    original_fsync_dir = container._fsync_dir
+
+    def crash_after_journal(p):
+        original_fsync_dir(p)
+        if os.path.exists(str(path) + "-journal"):
+            raise Crash()
+
+    container._fsync_dir = crash_after_journal
+    try:
+        with pytest.raises(Crash):
+            append_session(path, ctx.state(90))
+    finally:
+        container._fsync_dir = original_fsync_dir
+    return ctx, path
+
+
+def test_a_reader_never_writes(tmp_path):
+    """SPEC.md 8: a reader uses a committed journal's header and leaves the file and the journal alone,
+    even where it could write them; a torn journal it ignores."""
+    ctx, path = _committed_journal(tmp_path)
+    journal = tmp_path / ("s.dkv" + "-journal")
+    before, journal_before = path.read_bytes(), journal.read_bytes()
+    with DkvSession(path) as s:
+        assert s.n_tokens == 90
+        assert same_state(s.to_llama_state(), ctx.state(90), payload=False)
+    assert path.read_bytes() == before and journal.read_bytes() == journal_before
+    journal.write_bytes(b"DKVJ" + b"\x01\x00\x00\x00" + b"\xff" * 30)  # torn
+    with DkvSession(path) as s:
+        assert s.n_tokens == 40
+    assert path.read_bytes() == before and journal.exists()
+
+
+def test_a_new_file_over_a_crashed_append_recovers_the_journal_first(tmp_path):
+    """Left behind, the old file's committed journal would be read as the header of the new file."""
+    _, path = _committed_journal(tmp_path)
+    write_session(SyntheticContext(seed=3).state(20), path, "raw").close()
+    assert not os.path.exists(str(path) + "-journal")
+    with DkvSession(path) as s:
+        assert s.n_tokens == 20 and s.file.verify() == []
+
+
+def test_write_session_does_not_read_back_what_it_wrote(tmp_path, monkeypatch):
+    import deltakv_format.container as container
+
+    opened = []
+    real_init = container.DkvFile.__init__
+    monkeypatch.setattr(container.DkvFile, "__init__", lambda self, *a, **k: opened.append(a) or real_init(self, *a, **k))
+    path = tmp_path / "s.dkv"
+    written = write_session(SyntheticContext().state(50), path, "dkv-q4", k_codec="q8_0")
+    assert opened == []
+    with written.open() as s:
+        assert written.stats() == s.stats()
+        assert [(t.id, t.codec.name) for t in written.tracks] == [(t.id, t.codec.name) for t in s.tracks]
+        assert written.file_size == os.path.getsize(path) == s.file.file_size
+
+
+def test_an_append_reads_the_header_once(tmp_path, monkeypatch):
+    import deltakv_format.container as container
+
+    ctx = SyntheticContext()
+    path = tmp_path / "s.dkv"
+    write_session(ctx.state(40), path, "dkv-q4").close()
+    parses = []
+    real_parse = container.parse_header
+    monkeypatch.setattr(container, "parse_header", lambda *a, **k: parses.append(1) or real_parse(*a, **k))
+    assert append_session(path, ctx.state(60))["rows_added"] == 60 - 32
+    assert len(parses) == 1
+    with DkvSession.open_for_append(path) as s:  # the caller's own checks read the same parse
+        assert s.n_tokens == 60
+        append_session(s, ctx.state(70))
+    assert len(parses) == 2
+    with DkvSession(path) as s:
+        assert s.n_tokens == 70 and s.file.verify() == []
+
+
+def test_an_append_needs_the_session_opened_for_it(tmp_path):
+    import fcntl
+
+    ctx = SyntheticContext()
+    path = tmp_path / "s.dkv"
+    write_session(ctx.state(40), path, "dkv-q4").close()
+    with DkvSession(path) as s, pytest.raises(DeltaKVError, match="expected a session opened with DkvSession.open_for_append"):
+        append_session(s, ctx.state(60))
+    with DkvSession.open_for_append(path) as s, open(path, "rb") as other:
+        with pytest.raises(BlockingIOError):  # another writer waits for the lock
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(path, "rb") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the session
+
+
+def test_an_append_of_nothing_new_leaves_the_file_as_it_was(tmp_path):
+    """Found while moving the append: with no new rows and no new tokens (extend twice in a row) the
+    append committed a header with no session keys, and the file no longer opened."""
+    ctx = SyntheticContext()
+    path = tmp_path / "s.dkv"
+    write_session(ctx.state(40), path, "dkv-q4").close()
+    append_session(path, ctx.state(70))
+    before = path.read_bytes()
+    assert append_session(path, ctx.state(70)) == {"rows_added": 0, "tokens_added": 0, "rewritten": None}
+    assert path.read_bytes() == before
+    with DkvSession(path) as s:
+        assert s.n_tokens == 70 and same_state(s.to_llama_state(), ctx.state(70), payload=False)

@@ -473,7 +473,7 @@ def test_journal_pointing_past_the_end_of_the_file_is_not_replayed(base_dkv, tmp
     journal = JOURNAL_MAGIC + struct.pack("<IQQI", JOURNAL_VERSION, 1 << 62, len(header), crc32c(header)) + header
     (tmp_path / ("j.dkv" + JOURNAL_SUFFIX)).write_bytes(journal)
     with small_peak():
-        with DkvSession(p) as s:
+        with DkvSession.open_for_append(p) as s:  # a writer recovers journals (readers never write)
             assert s.n_tokens == 40
     assert p.read_bytes() == before  # not truncated to (extended to) 2^62 bytes
     assert not (tmp_path / ("j.dkv" + JOURNAL_SUFFIX)).exists()
@@ -671,3 +671,41 @@ def test_token_format_that_does_not_fit_the_framing(base_dkv, tmp_path):
     raw = assemble(with_kv(kvs, "deltakv.source.token_format", STR, "none"), infos, data)
     rejects(CorruptError, lambda: DkvSession(write(tmp_path, raw)),
             "token_format: expected plain or packed for framing 'ggsn'", "found 'none'")
+
+
+# ---- model GGUF headers (model_info reads them with gguf_io's parser) -----------------------------
+
+
+def _model_gguf(kvs, version=2, n_tensors=0) -> bytes:
+    from deltakv_format.gguf_io import pack_kv
+
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, len(kvs)) + b"".join(pack_kv(kv) for kv in kvs)
+
+
+def test_model_metadata_skips_string_arrays_and_reads_v2(tmp_path):
+    from deltakv_format.model_info import SkippedStrings, read_gguf_metadata
+
+    kvs = [KeyValue("general.architecture", STR, "llama"), KeyValue("llama.block_count", U32, 2),
+           KeyValue("tokenizer.ggml.tokens", ARR, ["a", "bc", "\u00e9"], STR),
+           KeyValue("llama.attention.sliding_window_pattern", ARR, np.array([1, 0], np.uint8), GGUFValueType.BOOL)]
+    path = write(tmp_path, _model_gguf(kvs) + b"tensor infos of types this reader need not know", "m.gguf")
+    values = read_gguf_metadata(path)
+    assert values == {"general.architecture": "llama", "llama.block_count": 2, "tokenizer.ggml.tokens": SkippedStrings(3),
+                      "llama.attention.sliding_window_pattern": [True, False]}
+
+
+def test_model_metadata_string_past_the_end(tmp_path):
+    """A skipped string is still bounds-checked: a vocabulary entry claiming 2^40 bytes is refused."""
+    from deltakv_format.model_info import read_gguf_metadata
+
+    kvs = [KeyValue("general.architecture", STR, "llama"), KeyValue("tokenizer.ggml.tokens", ARR, ["abcdefghij", "bc"], STR)]
+    raw = _model_gguf(kvs)
+    at = raw.rfind(struct.pack("<Q", 2) + b"bc")
+    path = write(tmp_path, patch(raw, at, "<Q", 1 << 40), "m.gguf")
+    e = rejects(LimitExceededError, lambda: read_gguf_metadata(path), "length of element of 'tokenizer.ggml.tokens' is 1099511627776",
+                offset=at)
+    assert e.path == str(path)
+    path = write(tmp_path, raw[:at + 4], "m.gguf")
+    rejects(TruncatedError, lambda: read_gguf_metadata(path), "ends inside length of element of 'tokenizer.ggml.tokens'")
+    path = write(tmp_path, patch(raw, 4, "<I", 1), "m.gguf")
+    rejects(UnsupportedVersionError, lambda: read_gguf_metadata(path), "expected GGUF version 2 or 3, found 1", offset=4)

@@ -5,6 +5,7 @@ import re
 from deltakv_format import constants
 from deltakv_format.codecs import get_codec
 from deltakv_format.container import HEADER_CRC_VALUE_OFFSET, KEY_HEADER_CRC, KEY_RESERVE, KEY_TENSOR_CRC
+from deltakv_format.session_schema import ANY_LENGTH, SESSION_KEYS, TENSOR_TEMPLATES, TrackId, parse_track_part
 
 from .conftest import ROOT
 
@@ -40,8 +41,53 @@ def test_rotation_sizes_and_journal():
 
 
 def test_session_keys_in_the_code_are_in_the_spec():
-    code = (ROOT / "deltakv_format" / "session.py").read_text()
-    keys = set(re.findall(r'"(deltakv\.[a-z_.]+)"', code))
+    keys = {row.key for row in SESSION_KEYS}  # the table the writer and the reader are driven by
     assert keys
     missing = [k for k in sorted(keys) if f"`{k}`" not in SPEC and not k.startswith("deltakv.runtime.")]
     assert not missing, missing
+
+
+def _spec_section(title: str, next_title: str) -> str:
+    return SPEC.split(title, 1)[1].split(next_title, 1)[0]
+
+
+def _spec_key_rows() -> dict[str, tuple[str, str, bool]]:
+    """SPEC.md section 3's key table: key -> (type, entries, optional), in the table's order."""
+    rows = {}
+    for line in _spec_section("## 3. Session metadata", "### 3.1").splitlines():
+        if not line.startswith("| `"):
+            continue
+        key_cell, type_cell, entries_cell, meaning = (c.strip() for c in line.strip().strip("|").split("|", 3))
+        for key in re.findall(r"`([^`]+)`", key_cell):
+            rows[key] = (type_cell, entries_cell, meaning.startswith("optional"))
+    return rows
+
+
+def _schema_entries(row) -> str:
+    if not row.is_array:
+        return "1"
+    return "any" if row.per == ANY_LENGTH else f"per {row.per}"
+
+
+def test_spec_key_table_is_the_schema_table():
+    """Every key of SESSION_KEYS is in SPEC.md's table with the same type, length and requiredness, in
+    the same order, and the table has no other key."""
+    spec = _spec_key_rows()
+    schema = {row.key: (row.spec_type(), _schema_entries(row), not row.required) for row in SESSION_KEYS}
+    assert list(spec) == list(schema)
+    assert spec == schema
+    counts = _spec_section("| `deltakv.header_reserve`", "### 3.1")
+    for row in SESSION_KEYS:
+        if row.defines is not None:  # SPEC names the key each array length is counted by
+            assert f"`{row.key}`" in counts, row.key
+
+
+def test_tensor_names_and_track_ids_are_the_spec_templates():
+    tensors = _spec_section("### 3.1 Tensors", "### 3.2")
+    # SPEC.md writes the fields as {s} (segment), {i} (section), {g} (stream), {track} and {part}
+    letters = {"segment": "{s}", "section": "{i}", "stream": "{g}", "track": "{track}", "part": "{part}"}
+    for template in TENSOR_TEMPLATES.values():
+        assert f"| `{template.format(**letters)}` |" in tensors, template
+    assert "`s{stream}.l{i}.k`" in SPEC and "`s{stream}.l{i}.v`" in SPEC
+    assert TrackId(3, 5, "v").name == "s3.l5.v" and TrackId(0, 1, "k").part_tensor(2, "q4") == "s0.l1.k.2.q4"
+    assert parse_track_part("s0.l1.k.2.q4") == (TrackId(0, 1, "k"), 2, "q4") and parse_track_part("s0.cells.0") is None

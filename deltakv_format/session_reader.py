@@ -1,0 +1,335 @@
+"""Reading a .dkv session: its metadata checked against the schema, any track or token range decoded,
+the llama.cpp state rebuilt (SPEC.md sections 3, 4 and 7).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .codecs import get_codec
+from .constants import GGML_BLOCK_SIZES, GGMLType
+from .container import DkvFile, element_view_dtype
+from .errors import CorruptError, DeltaKVError
+from .session_cells import assemble_cells, owned_spans
+from .session_schema import (
+    TOKEN_BLOB,
+    cells_tensor,
+    decode_metadata,
+    is_byte_tensor,
+    section_tensor,
+    stream_track_ids,
+    tokens_tensor,
+)
+from .session_sizes import rebuilt_state_bytes, session_stats
+from .session_tracks import Track, empty_part, source_n_values, tracks_by_stream
+from .state_model import (
+    BodyLayout,
+    Framing,
+    KVCacheSection,
+    KVStream,
+    KVTensor,
+    LlamaState,
+    OpaqueSection,
+)
+
+
+class DkvSession:
+    """An opened .dkv session: metadata, tracks, decoding and rebuilding the llama.cpp state.
+
+    ``DkvSession(path)`` only reads (SPEC.md 8: a committed journal's header is read in place of the
+    file's). :meth:`open_for_append` opens it for :func:`~deltakv_format.session_append.append_session`.
+    """
+
+    def __init__(self, path, *, verify_checksums: bool = True, _file: DkvFile | None = None):
+        self.file = _file if _file is not None else DkvFile(path, verify_checksums=verify_checksums)
+        try:
+            self._load()
+        except DeltaKVError as e:
+            self.file.close()
+            if e.path is None:
+                raise type(e)(e.bare_message, offset=e.offset, path=str(path)) from e
+            raise
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            self.file.close()
+            raise CorruptError(f"inconsistent session metadata ({type(e).__name__}: {e})", path=str(path)) from e
+
+    @classmethod
+    def open_for_append(cls, path, *, verify_checksums: bool = True) -> "DkvSession":
+        """Open the session at ``path`` for a writer: the file's exclusive lock is taken (and held
+        until :meth:`close`) and an interrupted append's journal recovered before the header is
+        read, once (SPEC.md 8, step 1)."""
+        return cls(path, _file=DkvFile.open_for_append(path, verify_checksums=verify_checksums))
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def _check_tensor(self, name: str, ggml_type: int, n: int | None = None) -> None:
+        """A structural tensor (tokens, cells, sections) has the type and, if given, length it must."""
+        info = self.file.tensor_infos.get(name)
+        if info is None:
+            return
+        if info.ggml_type != ggml_type or len(info.shape) != 1 or (n is not None and info.shape[0] != n):
+            want = f"{GGMLType(ggml_type).name} [{'n' if n is None else n}]"
+            raise CorruptError(f"tensor {name!r}: expected {want}, found {GGMLType(info.ggml_type).name} {list(info.shape)}")
+
+    def _load(self):
+        # Every key's presence, type, length and range (SPEC.md 3), from the schema table.
+        meta = decode_metadata(self.file.kvs)
+        self.framing = Framing(meta.framing)
+        self.layout = BodyLayout(meta.layout)
+        self.file_version = meta.file_version
+        self.seq_prefix_id = meta.seq_prefix_id
+        self.arch = meta.arch
+        self.token_format = meta.token_format
+        self.codec_name = meta.codec_name
+        self.section_kind = meta.section_kind
+        self.section_role = meta.section_role
+        self.section_has_n_stream = meta.section_has_n_stream
+        self.stream_section = meta.stream_section
+        self.stream_cells = meta.stream_cells
+        self.stream_ext = meta.stream_ext
+        self.stream_v_trans = meta.stream_v_trans
+        self.stream_n_layer = meta.stream_n_layer
+        self.stream_rot_k = meta.stream_rot_k
+        self.stream_rot_v = meta.stream_rot_v
+        self.stream_n_k = meta.stream_n_k
+        self.stream_n_v = meta.stream_n_v
+        self.n_segments = n_seg = meta.n_segments
+        n_st, n_tr = len(meta.stream_section), len(meta.track_name)
+        self.seg_first_row = np.array(meta.seg_first_row, np.int64).reshape(n_seg, n_st)
+        self.seg_rows = np.array(meta.seg_rows, np.int64).reshape(n_seg, n_st)
+        self.seg_first_token = meta.seg_first_token
+        self.seg_tokens = meta.seg_tokens
+
+        # What ties the keys together.
+        file_framing = self.framing in (Framing.SESSION_FILE, Framing.SEQUENCE_FILE)
+        if file_framing != (self.token_format != "none"):
+            raise CorruptError(f"deltakv.source.token_format: expected {'plain or packed' if file_framing else 'none'} "
+                               f"for framing {self.framing.value!r}, found {self.token_format!r}")
+        for g, (rk, rv) in enumerate(zip(self.stream_rot_k, self.stream_rot_v)):
+            if (rk < 0) != (rv < 0):
+                raise CorruptError(f"stream {g}: expected n_rot_k and n_rot_v both -1 or both >= 0, found {rk} and {rv}")
+
+        # Sections and streams: streams in section order, every KV section with its streams.
+        if any(self.section_kind[s] != "kv" for s in self.stream_section):
+            raise CorruptError("deltakv.stream.section names a section that is not a KV cache")
+        if self.stream_section != sorted(self.stream_section):
+            raise CorruptError("deltakv.stream.section: expected streams in section order, found them out of order")
+        for i, kind in enumerate(self.section_kind):
+            n = self.stream_section.count(i)
+            if kind == "kv" and (n == 0 or (n != 1 and not self.section_has_n_stream[i])):
+                want = "one stream (no n_stream word)" if not self.section_has_n_stream[i] else "at least one stream"
+                raise CorruptError(f"KV section {i}: expected {want}, found {n}")
+
+        # Tokens: segments hold consecutive ranges, backed by tensors of exactly that length.
+        expect = 0
+        for s in range(n_seg):
+            if self.seg_first_token[s] != expect:
+                raise CorruptError(f"deltakv.segment.first_token[{s}]: expected {expect} (the tokens before it), "
+                                   f"found {self.seg_first_token[s]}")
+            n = self.seg_tokens[s]
+            if n and self.token_format != "plain":
+                raise CorruptError(f"deltakv.segment.tokens[{s}]: expected 0 with token_format "
+                                   f"{self.token_format!r}, found {n}")
+            if n:
+                if not self.file.has_tensor(tokens_tensor(s)):
+                    raise CorruptError(f"segment {s} holds {n} tokens, but tensor {tokens_tensor(s)!r} is missing")
+                self._check_tensor(tokens_tensor(s), GGMLType.I32, n)
+            expect += n
+        if self.token_format == "packed":
+            if not self.file.has_tensor(TOKEN_BLOB):
+                raise CorruptError(f"token_format 'packed' needs the tensor {TOKEN_BLOB!r}, which is missing")
+            self._check_tensor(TOKEN_BLOB, GGMLType.I8)
+        for name in self.file.tensor_infos:
+            if is_byte_tensor(name):
+                self._check_tensor(name, GGMLType.I8)
+
+        # Tracks.
+        if sum(self.stream_n_k) + sum(self.stream_n_v) != n_tr:
+            raise CorruptError(f"deltakv.stream.n_k / n_v: expected them to add up to the {n_tr} tracks, "
+                               f"found {sum(self.stream_n_k) + sum(self.stream_n_v)}")
+        ids = [track_id for g in range(n_st) for track_id in stream_track_ids(g, self.stream_n_k[g], self.stream_n_v[g])]
+        if meta.track_name != [track_id.name for track_id in ids]:
+            raise CorruptError("deltakv.track.name does not list s{stream}.l{layer}.k then .v for every stream in order")
+        self.tracks = []
+        for i, track_id in enumerate(ids):
+            ggml_type, n_values = meta.track_ggml_type[i], meta.track_n_values[i]
+            if ggml_type not in GGML_BLOCK_SIZES:
+                raise CorruptError(f"track {track_id.name} has unknown ggml type {ggml_type}")
+            codec = get_codec(meta.track_codec[i], keyframe_interval=meta.track_keyframe_interval[i],
+                              rotation=meta.track_rotation[i])
+            if not codec.accepts(ggml_type, n_values):
+                raise CorruptError(f"track {track_id.name}: codec {codec.name} cannot hold {GGMLType(ggml_type).name} rows "
+                                   f"of {n_values} values")
+            self.tracks.append(Track(i, track_id, ggml_type, n_values, bool(meta.track_transposed[i]), codec))
+        self.track_by_name = {t.name: t for t in self.tracks}
+
+        # Segments (SPEC.md 3.2).
+        for g in range(n_st):
+            end = 0
+            for s in range(n_seg):
+                first, rows = int(self.seg_first_row[s, g]), int(self.seg_rows[s, g])
+                if rows and first > end:
+                    raise CorruptError(f"segment {s} of stream {g} starts at row {first}, after the previous end {end}")
+                if rows:
+                    end = first + rows
+            if end != self.stream_cells[g]:
+                raise CorruptError(f"stream {g}: segments hold {end} rows, deltakv.stream.cell_count says {self.stream_cells[g]}")
+        for t in self.tracks:
+            chunk = t.codec.keyframe_interval
+            for s in range(n_seg):
+                rows = int(self.seg_rows[s, t.stream])
+                if rows and self.seg_first_row[s, t.stream] % chunk:
+                    raise CorruptError(f"segment {s} of {t.name} does not start on a keyframe")
+                if rows:
+                    self._check_parts(t, s, rows, self._parts(t, s, verify=False))
+
+    def _check_parts(self, t: Track, s: int, rows: int, parts: dict) -> None:
+        """The part tensors of a track segment hold exactly ``rows`` rows, split as SPEC.md 3.2 says
+        (the decoders index them without bounds checks)."""
+        if t.codec.rows_of_parts(parts) != rows:
+            raise CorruptError(f"tensors of {t.name} segment {s} hold {t.codec.rows_of_parts(parts)} rows, expected {rows}")
+        if "key" in parts:
+            n_key = -(-rows // t.codec.keyframe_interval)
+            want = {"key": n_key, "q4": rows - n_key}
+            if "mode" in parts and rows > n_key:
+                want["mode"] = rows - n_key
+            for role, n in want.items():
+                if parts[role].shape[0] != n:
+                    raise CorruptError(f"tensor {t.part_name(s, role)!r}: expected {n} rows for {rows} rows with "
+                                       f"keyframe interval {t.codec.keyframe_interval}, found {parts[role].shape[0]}")
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def n_tokens(self) -> int:
+        return self.seg_first_token[-1] + self.seg_tokens[-1] if self.n_segments else 0
+
+    def tokens(self) -> np.ndarray | None:
+        if self.token_format != "plain":
+            return None
+        out = np.empty(self.n_tokens, np.int32)
+        for s in range(self.n_segments):
+            if self.seg_tokens[s]:
+                tok = self.file.tensor(tokens_tensor(s))
+                if tok.shape != (self.seg_tokens[s],):
+                    raise CorruptError(f"{tokens_tensor(s)} holds {tok.shape} tokens, expected {self.seg_tokens[s]}")
+                out[self.seg_first_token[s]:self.seg_first_token[s] + self.seg_tokens[s]] = tok
+        return out
+
+    def _parts(self, track: Track, segment: int, verify: bool | None = None) -> dict[str, np.ndarray]:
+        parts = {}
+        for part in track.codec.parts(track.ggml_type, track.n_values):
+            name = track.part_name(segment, part.role)
+            if self.file.has_tensor(name):
+                info = self.file.tensor_infos[name]
+                if info.ggml_type != part.ggml_type or info.shape[0] != part.n_values or len(info.shape) != 2:
+                    raise CorruptError(
+                        f"tensor {name!r} is {GGMLType(info.ggml_type).name} {info.shape}; "
+                        f"expected {GGMLType(part.ggml_type).name} with rows of {part.n_values}"
+                    )
+                parts[part.role] = self.file.tensor(name, verify=verify)
+            else:
+                parts[part.role] = empty_part(part)
+        return parts
+
+    def _owned(self, stream: int) -> list[tuple[int, int, int]]:
+        """(segment, first row, end row) of the rows each segment still owns."""
+        return owned_spans(self.seg_first_row, self.seg_rows, stream)
+
+    def rows(self, track: Track | str, row_lo: int = 0, row_hi: int | None = None, out=None) -> np.ndarray:
+        """Decode rows [row_lo, row_hi) of a track: token-major element bits (or raw row bytes)."""
+        if isinstance(track, str):
+            track = self.track_by_name[track]
+        n = self.stream_cells[track.stream]
+        row_hi = n if row_hi is None else row_hi
+        if not 0 <= row_lo <= row_hi <= n:
+            raise DeltaKVError(f"rows {row_lo}..{row_hi} out of range 0..{n} for {track.name}")
+        pieces = []
+        for s, first, end in self._owned(track.stream):
+            lo, hi = max(row_lo, first), min(row_hi, end)
+            if lo >= hi:
+                continue
+            parts = self._parts(track, s)
+            pieces.append(track.codec.decode(parts, track.ggml_type, track.n_values, lo - first, hi - first))
+        if not pieces:
+            return np.empty((0, track.n_values), element_view_dtype(track.ggml_type))
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def segment_cells(self, stream: int, segment: int) -> np.ndarray:
+        """The cell records segment ``segment`` stores for ``stream`` (bytes; empty if none)."""
+        name = cells_tensor(stream, segment)
+        return self.file.tensor(name).reshape(-1) if self.file.has_tensor(name) else np.empty(0, np.uint8)
+
+    def cells(self, stream: int) -> bytes:
+        """The stream's cell records in row order, as the snapshot holds them."""
+        return assemble_cells(self._owned(stream), lambda s: (self.segment_cells(stream, s), int(self.seg_rows[s, stream])),
+                              self.stream_ext[stream], stream)
+
+    def to_llama_state(self) -> LlamaState:
+        """Decode everything and rebuild the llama.cpp state it came from."""
+        sections = []
+        stream_iter = 0
+        by_stream = tracks_by_stream(self.tracks)
+        for i, kind in enumerate(self.section_kind):
+            if kind == "opaque":
+                name = section_tensor(i)
+                data = self.file.tensor(name).reshape(-1) if self.file.has_tensor(name) else np.empty(0, np.uint8)
+                sections.append(OpaqueSection(self.section_role[i], memoryview(data.tobytes())))
+                continue
+            streams = []
+            while stream_iter < len(self.stream_section) and self.stream_section[stream_iter] == i:
+                g = stream_iter
+                n = self.stream_cells[g]
+                layers = {"k": [], "v": []}
+                for t in by_stream.get(g, []):
+                    rows = self.rows(t)
+                    kv = KVTensor(t.ggml_type, n, source_n_values(t), t.transposed,
+                                  KVTensor.payload_from_rows(rows, t.transposed))
+                    layers[t.id.role].append(kv)
+                rot = None if self.stream_rot_k[g] < 0 else (self.stream_rot_k[g], self.stream_rot_v[g])
+                streams.append(KVStream(
+                    cell_count=n, cells=memoryview(self.cells(g)), cell_ext_bytes=self.stream_ext[g],
+                    v_trans=None if self.stream_v_trans[g] < 0 else self.stream_v_trans[g],
+                    n_layer=None if self.stream_n_layer[g] < 0 else self.stream_n_layer[g], rot=rot,
+                    k=layers["k"], v=layers["v"],
+                ))
+                stream_iter += 1
+            sections.append(KVCacheSection(bool(self.section_has_n_stream[i]), streams))
+        if self.token_format == "plain":
+            token_words = memoryview(self.tokens().astype("<i4").tobytes())
+        elif self.token_format == "packed":
+            token_words = memoryview(self.file.tensor(TOKEN_BLOB).reshape(-1).tobytes())
+        else:
+            token_words = None
+        arch = self.arch
+        return LlamaState(
+            framing=self.framing, layout=self.layout, file_version=self.file_version, token_words=token_words,
+            seq_prefix_id=self.seq_prefix_id, arch=arch, arch_bytes=None if arch is None else arch.encode("utf-8"),
+            sections=sections,
+        )
+
+    # -- sizes -----------------------------------------------------------------------
+
+    def source_bytes(self) -> int:
+        """Size of the llama.cpp state this session rebuilds (SPEC.md section 4), without decoding."""
+        return rebuilt_state_bytes(self)
+
+    def stats(self) -> dict:
+        """``kv_source_bytes`` (the K/V payloads in the llama.cpp state), ``kv_stored_bytes`` (their
+        coded tensors) and ``file_bytes``."""
+        tensor_bytes = {name: info.nbytes for name, info in self.file.tensor_infos.items()}
+        return session_stats(self.tracks, self.stream_cells, tensor_bytes, self.file.file_size)
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+

@@ -1,0 +1,205 @@
+"""Writing a llama.cpp state as a new .dkv session (SPEC.md sections 3 and 4).
+
+:func:`write_session` plans one track per layer K/V of every stream, codes every track's rows, and
+writes the key-values of :data:`~deltakv_format.session_schema.SESSION_KEYS` with the tensors in one
+atomic write. It returns a :class:`WrittenSession`: what was written, without reading the file back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .codecs import Codec, codec_for_track, get_codec
+from .constants import GGMLType
+from .container import TensorData, base_kvs, write_container
+from .errors import CorruptError
+from .gguf_io import KeyValue
+from .session_reader import DkvSession
+from .session_schema import (
+    ROLES,
+    TOKEN_BLOB,
+    SessionMetadata,
+    cells_tensor,
+    encode_metadata,
+    section_tensor,
+    tokens_tensor,
+)
+from .session_sizes import session_stats
+from .session_tracks import Track, live_streams, live_tracks, stored_row_size, track_rows, tracks_by_stream
+from .state_model import KVCacheSection, LlamaState, OpaqueSection
+
+
+def token_format_of(state: LlamaState) -> str:
+    """``deltakv.source.token_format`` of a state: ``none`` (no token field), ``plain`` or ``packed``."""
+    return "none" if state.token_words is None else ("plain" if state.tokens() is not None else "packed")
+
+
+class SessionTensors:
+    """The tensors of one write or append, in the order they go into the file."""
+
+    def __init__(self):
+        self.tensors: list[TensorData] = []
+
+    def add(self, name, ggml_type, array, n_inner=None):
+        array = np.ascontiguousarray(array)
+        if array.size == 0:
+            return  # SPEC.md 3.1: a tensor that would have zero elements is omitted
+        if array.ndim == 1:
+            shape = (array.shape[0] if n_inner is None else n_inner,)
+        else:
+            inner = array.shape[1] if n_inner is None else n_inner
+            shape = (inner, array.shape[0])
+        self.tensors.append(TensorData(name, ggml_type, shape, array))
+
+    def add_track_segment(self, track: Track, segment: int, rows: np.ndarray, where: str):
+        parts = track.codec.encode(rows, track.ggml_type, where) if rows.shape[0] else {}
+        for part in track.codec.parts(track.ggml_type, track.n_values):
+            if part.role in parts:
+                self.add(track.part_name(segment, part.role), part.ggml_type, parts[part.role], part.n_values)
+
+
+def plan_tracks(state: LlamaState, codec_of_role: dict[str, Codec], track_codecs: list[Codec] | None = None) -> list[Track]:
+    """One track per layer K/V of every stream; ``track_codecs`` (a rewrite of a stored session)
+    gives each track the codec it already had."""
+    tracks = []
+    for stream_index, (_, stream) in enumerate(live_streams(state)):
+        for track_id, t in live_tracks(stream_index, stream):
+            codec = codec_of_role[track_id.role]
+            chosen = codec_for_track(codec, t.ggml_type, t.n_values) if t.is_float else get_codec("raw")
+            if track_codecs is not None:
+                chosen = track_codecs[len(tracks)]
+            tracks.append(Track(len(tracks), track_id, t.ggml_type, stored_row_size(t), t.transposed, chosen))
+    return tracks
+
+
+def session_metadata(state: LlamaState, codec_name: str, tracks: list[Track], seg_first_row, seg_rows,
+                     seg_first_token, seg_tokens, stream_cells) -> SessionMetadata:
+    """The values of the session's keys for ``state`` stored as ``tracks`` with the given segment table
+    (flat, row-major [segment][stream]) and cell counts."""
+    arch = None
+    if state.arch_bytes is not None:
+        try:
+            arch = state.arch_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # deltakv.source.arch is a GGUF string (UTF-8); llama.cpp's arch names are ASCII
+            raise CorruptError(f"arch string: expected UTF-8 text (a llama.cpp architecture name), found "
+                               f"{bytes(state.arch_bytes)[:32]!r} ({e.reason} at byte {e.start})") from e
+    sections = state.sections
+    streams = [s for _, s in live_streams(state)]
+    return SessionMetadata(
+        framing=state.framing.value,
+        layout=state.layout.value,
+        file_version=state.file_version,
+        seq_prefix_id=state.seq_prefix_id,
+        arch=arch,
+        token_format=token_format_of(state),
+        codec_name=codec_name,
+        section_kind=["kv" if isinstance(s, KVCacheSection) else "opaque" for s in sections],
+        section_role=["attention" if isinstance(s, KVCacheSection) else s.role for s in sections],
+        section_has_n_stream=[int(s.has_n_stream) if isinstance(s, KVCacheSection) else 0 for s in sections],
+        stream_section=[i for i, _ in live_streams(state)],
+        stream_cells=list(stream_cells),
+        stream_ext=[s.cell_ext_bytes for s in streams],
+        stream_v_trans=[-1 if s.v_trans is None else s.v_trans for s in streams],
+        stream_n_layer=[-1 if s.n_layer is None else s.n_layer for s in streams],
+        stream_rot_k=[-1 if s.rot is None else s.rot[0] for s in streams],
+        stream_rot_v=[-1 if s.rot is None else s.rot[1] for s in streams],
+        stream_n_k=[len(s.k) for s in streams],
+        stream_n_v=[len(s.v) for s in streams],
+        track_name=[t.name for t in tracks],
+        track_ggml_type=[t.ggml_type for t in tracks],
+        track_n_values=[t.n_values for t in tracks],
+        track_transposed=[int(t.transposed) for t in tracks],
+        track_codec=[t.codec.name for t in tracks],
+        track_keyframe_interval=[t.codec.keyframe_interval for t in tracks],
+        track_rotation=[t.codec.rotation for t in tracks],
+        n_segments=len(seg_first_token),
+        seg_first_row=list(seg_first_row),
+        seg_rows=list(seg_rows),
+        seg_first_token=list(seg_first_token),
+        seg_tokens=list(seg_tokens),
+    )
+
+
+def session_kvs(state: LlamaState, codec_name: str, tracks: list[Track], seg_first_row, seg_rows,
+                seg_first_token, seg_tokens, stream_cells) -> list[KeyValue]:
+    """Every key-value of a session but the container's checksums and reserve, in table order."""
+    meta = session_metadata(state, codec_name, tracks, seg_first_row, seg_rows, seg_first_token, seg_tokens, stream_cells)
+    return base_kvs() + encode_metadata(meta)
+
+
+@dataclass(frozen=True)
+class WrittenSession:
+    """What :func:`write_session` wrote, known without reading the file back."""
+
+    path: Path
+    codec_name: str  # deltakv.codec
+    tracks: list[Track]
+    stream_cells: list[int]
+    tensor_bytes: dict[str, int]  # every tensor written: name -> bytes
+    file_size: int
+
+    def stats(self) -> dict:
+        """As :meth:`DkvSession.stats`: ``kv_source_bytes``, ``kv_stored_bytes``, ``file_bytes``."""
+        return session_stats(self.tracks, self.stream_cells, self.tensor_bytes, self.file_size)
+
+    def open(self, *, verify_checksums: bool = True) -> DkvSession:
+        """Read the written session back (to decode it)."""
+        return DkvSession(self.path, verify_checksums=verify_checksums)
+
+    def close(self) -> None:
+        """Nothing to close: the file is written and closed. (Callers written when write_session
+        returned the opened session call ``write_session(...).close()``.)"""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progress=None, *,
+                  k_codec: Codec | str | None = None, v_codec: Codec | str | None = None,
+                  extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = (),
+                  track_codecs: list[Codec] | None = None) -> WrittenSession:
+    """Store ``state`` as a new .dkv at ``path`` (atomically); returns what was written
+    (:meth:`WrittenSession.open` reads it back).
+
+    ``k_codec`` / ``v_codec`` override ``codec`` for the K or the V tracks (every track records its
+    own codec, ``deltakv.track.codec`` in SPEC.md section 3; later appends keep it). K matters more to
+    the model than V, so ``k_codec="q8_0"`` with the default for V gets q8_0-level quality at fewer
+    bits than q8_0 for both (eval/EVAL.md).
+    ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
+    ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
+    """
+    codec = get_codec(codec) if isinstance(codec, str) else codec
+    codec_of_role = {role: get_codec(c) if isinstance(c, str) else (c or codec)
+                     for role, c in zip(ROLES, (k_codec, v_codec))}
+    tracks = plan_tracks(state, codec_of_role, track_codecs)
+    tensors = SessionTensors()
+    tokens = state.tokens()
+    if state.token_words is not None and tokens is None:
+        tensors.add(TOKEN_BLOB, GGMLType.I8, np.frombuffer(state.token_words, np.uint8))
+    n_tokens = 0 if tokens is None else len(tokens)
+    if tokens is not None:
+        tensors.add(tokens_tensor(0), GGMLType.I32, tokens)
+    for i, sec in enumerate(state.sections):
+        if isinstance(sec, OpaqueSection):
+            tensors.add(section_tensor(i), GGMLType.I8, np.frombuffer(sec.data, np.uint8))
+    streams = live_streams(state)
+    for g, (_, stream) in enumerate(streams):
+        tensors.add(cells_tensor(g, 0), GGMLType.I8, np.frombuffer(stream.cells, np.uint8))
+    by_stream = tracks_by_stream(tracks)
+    for g, (_, stream) in enumerate(streams):
+        for track, (_, kv) in zip(by_stream.get(g, []), live_tracks(g, stream)):
+            tensors.add_track_segment(track, 0, track_rows(kv), track.name)
+            if progress is not None:
+                progress(track.name)
+    cells = [s.cell_count for _, s in streams]
+    kvs = session_kvs(state, codec.name, tracks, [0] * len(streams), cells, [0], [n_tokens], cells) + list(extra_kvs)
+    written = tensors.tensors + list(extra_tensors)
+    file_size = write_container(path, kvs, written)
+    return WrittenSession(Path(path), codec.name, tracks, cells, {t.name: t.nbytes() for t in written}, file_size)
