@@ -7,8 +7,9 @@ does the same from a shell. :func:`is_available` says whether a GPU and the libr
 :func:`decode` and :func:`encode` take a codec object and numpy arrays (host memory) and return the
 results of its methods (``Codec.decode`` / ``Codec.encode`` in deltakv_format/codecs): the same
 bytes as the Numba reference, bit for bit. The kernels are registered per codec class in
-``CODEC_KERNELS``; this module is itself an accelerator for ``use_accelerator`` (``kernels_for``). :class:`Kernels` exposes the C ABI on device pointers
-(see deltakv_kernels.h) for callers that keep data on the GPU.
+``CODEC_KERNELS``; with ``kernels_for`` this module is itself the accelerator that
+``deltakv_format.codecs.use_accelerator`` takes. :class:`Kernels` exposes the C ABI on device
+pointers (see deltakv_kernels.h) for callers that keep data on the GPU.
 
 Backends (``DELTAKV_GPU_BACKEND``): ``cuda`` (default when nvcc is found), ``hip``, or ``emulator``:
 the same kernels compiled for the CPU by a C++ compiler with a small warp emulator, to test the
