@@ -277,7 +277,9 @@ def _as_f32(bits: np.ndarray, ggml_type: int) -> np.ndarray:
 
 def validate(path, *, against=None, model_path=None) -> ValidationReport:
     """Structure and checksums of a .dkv (or parseability of a llama.cpp file); with ``against``,
-    per-layer error figures of the decoded K/V against the original state."""
+    per-layer error figures of the decoded K/V against the original state, each checked against the
+    bound its codec proves from the stored parts (SPEC.md 6.4): a problem is an error that the stored
+    scales cannot explain, never a large error the codec stated."""
     problems: list[str] = []
     layers: list[dict] = []
     path = Path(path)
@@ -354,28 +356,38 @@ def _compare_float_track(session: DkvSession, track, ta, tb, entry: dict, proble
         problems += excess
 
 
+_BOUND_PIECE_VALUES = 1 << 22  # values per piece of a track checked at once (32 MiB per float64 array)
+
+
 def _check_bound(session: DkvSession, track, original_bits: np.ndarray, decoded_bits: np.ndarray) -> tuple[float, list[str]]:
-    """Check each segment's decoded rows against the error bound its codec proves from the stored
-    parts (SPEC.md 6.4). Returns the largest fraction of the bound an error used (0 when every row
-    is exact) and one problem per segment whose rows break it."""
-    worst = 0.0
-    problems = []
+    """Check the track's decoded rows, segment by segment, against the error bound its codec proves
+    from the stored parts (SPEC.md 6.4). Returns the largest fraction of the bound an error used (0
+    when every row is exact) and, if some error breaks it, one problem saying where it first did."""
+    codec = track.codec
+    worst, over_count, figures, first_over = 0.0, 0, 0, None
+    # in pieces of whole keyframe chunks, so that the float64 work arrays stay small on long sessions
+    piece = max(1, _BOUND_PIECE_VALUES // max(track.n_values, 1) // codec.keyframe_interval) * codec.keyframe_interval
     for segment, first, end in session._owned(track.stream):
         # a segment owns its rows from its first row on (SPEC.md 3.2): local rows 0 .. end - first
-        codec = track.codec
-        decoded = decoded_bits[first:end]
-        bound = codec.error_bound(session._parts(track, segment), track.ggml_type, decoded)
-        errors = bound.errors(as_float64(original_bits[first:end], track.ggml_type), as_float64(decoded, track.ggml_type))
-        over = ~(errors <= bound.limit)  # NaN errors (a damaged payload decoding to NaN) count as over
-        with np.errstate(divide="ignore", invalid="ignore"):
-            used = np.where(bound.limit > 0, errors / bound.limit, np.where(errors == 0, 0.0, np.inf))
-        used[np.isnan(used)] = np.inf
-        worst = max(worst, float(used.max()) if used.size else 0.0)
-        if over.any():
-            row, group = np.argwhere(over)[0]
-            what = f"value {group}" if bound.group == 1 else f"values {group * bound.group}..{(group + 1) * bound.group - 1} (L2)"
-            problems.append(
-                f"{track.name}: {int(over.sum())} of {over.size} error figures exceed what the stored {codec.name} "
-                f"parts prove (SPEC.md 6.4); first at row {first + row}, {what}: error {errors[row, group]:.6g}, "
-                f"bound {bound.limit[row, group]:.6g}")
-    return worst, problems
+        parts = session._parts(track, segment)
+        for lo in range(0, end - first, piece):
+            hi = min(lo + piece, end - first)
+            decoded = decoded_bits[first + lo:first + hi]
+            bound = codec.error_bound(parts, track.ggml_type, decoded, first_row=lo)
+            errors = bound.errors(as_float64(original_bits[first + lo:first + hi], track.ggml_type),
+                                  as_float64(decoded, track.ggml_type))
+            over = ~(errors <= bound.limit)  # NaN errors (a damaged payload decoding to NaN) count as over
+            with np.errstate(divide="ignore", invalid="ignore"):
+                used = np.where(bound.limit > 0, errors / bound.limit, np.where(errors == 0, 0.0, np.inf))
+            used[np.isnan(used)] = np.inf
+            worst = max(worst, float(used.max()) if used.size else 0.0)
+            figures += over.size
+            over_count += int(over.sum())
+            if first_over is None and over.any():
+                row, group = np.argwhere(over)[0]
+                what = f"value {group}" if bound.group == 1 else f"values {group * bound.group}..{(group + 1) * bound.group - 1} (L2)"
+                first_over = f"row {first + lo + row}, {what}: error {errors[row, group]:.6g}, bound {bound.limit[row, group]:.6g}"
+    if first_over is None:
+        return worst, []
+    return worst, [f"{track.name}: {over_count} of {figures} error figures exceed what the stored {codec.name} parts "
+                   f"prove (SPEC.md 6.4); first at {first_over}"]

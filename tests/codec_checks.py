@@ -132,6 +132,11 @@ def check_encode_decode(codec: Codec, rows: np.ndarray, ggml_type) -> dict:
     check_bound_holds(codec, parts, ggml_type, rows, decoded)
     # a prefix of the segment (what a reader decodes when later segments own the rest) is bounded too
     check_bound_holds(codec, parts, ggml_type, rows[: n_rows // 2], decoded[: n_rows // 2])
+    # and rows from a keyframe on get the bound they get in the whole segment (validate works in pieces)
+    whole = codec.error_bound(parts, ggml_type, decoded).limit
+    for start in range(0, n_rows, codec.keyframe_interval):
+        piece = codec.error_bound(parts, ggml_type, decoded[start:], first_row=start).limit
+        assert np.array_equal(piece, whole[start:]), (codec, start)
     return parts
 
 

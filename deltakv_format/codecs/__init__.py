@@ -333,12 +333,14 @@ class Codec:
 
     # -- error bound --------------------------------------------------------------------
 
-    def error_bound(self, parts: dict[str, np.ndarray], ggml_type: int, decoded: np.ndarray) -> ErrorBound:
+    def error_bound(self, parts: dict[str, np.ndarray], ggml_type: int, decoded: np.ndarray,
+                    first_row: int = 0) -> ErrorBound:
         """What the stored parts prove about ``|decoded - original|`` (SPEC.md 6.4).
 
-        ``decoded``: element bits of the segment's first ``decoded.shape[0]`` rows, as ``decode``
-        returns them. The bound holds for parts written by the reference encoders; a payload that
-        breaks it was damaged, or written by an encoder that does not keep the guarantee.
+        ``decoded``: element bits of the segment's rows ``first_row .. first_row + len(decoded)``, as
+        ``decode`` returns them (for the delta codecs ``first_row`` is a keyframe: a multiple of the
+        keyframe interval). The bound holds for parts written by the reference encoders; a payload
+        that breaks it was damaged, or written by an encoder that does not keep the guarantee.
         """
         raise NotImplementedError
 
@@ -367,7 +369,7 @@ class RawCodec(Codec):
         out[...] = data
         return out
 
-    def error_bound(self, parts, ggml_type, decoded):
+    def error_bound(self, parts, ggml_type, decoded, first_row=0):
         return ErrorBound(1, np.zeros(decoded.shape))  # the bytes themselves
 
 
@@ -398,11 +400,11 @@ class F16Codec(Codec):
             kernels.rows_from_f32(values, KIND_OF_TYPE[ggml_type], out)
         return out
 
-    def error_bound(self, parts, ggml_type, decoded):
+    def error_bound(self, parts, ggml_type, decoded, first_row=0):
         """F16 caches: exact. Others: one f16 rounding when stored, one rounding back when emitted."""
         if ggml_type == GGMLType.F16:
             return ErrorBound(1, np.zeros(decoded.shape))
-        stored = bounds.as_float64(parts["data"][:decoded.shape[0]], GGMLType.F16)
+        stored = bounds.as_float64(parts["data"][first_row:first_row + decoded.shape[0]], GGMLType.F16)
         limit = bounds.half_ulp(stored, GGMLType.F16) + bounds.output_rounding(bounds.as_float64(decoded, ggml_type), ggml_type)
         return ErrorBound(1, _finite_or_zero(limit))
 
@@ -425,8 +427,8 @@ class _GGMLBlockCodec(Codec):
         self._dequantize(np.ascontiguousarray(parts["data"][row_lo:row_hi]), n_values, KIND_OF_TYPE[ggml_type], F16_TO_F32, out)
         return out
 
-    def error_bound(self, parts, ggml_type, decoded):
-        block_bound = self._block_bound(parts["data"][:decoded.shape[0]])
+    def error_bound(self, parts, ggml_type, decoded, first_row=0):
+        block_bound = self._block_bound(parts["data"][first_row:first_row + decoded.shape[0]])
         limit = bounds.per_value(block_bound) + bounds.output_rounding(bounds.as_float64(decoded, ggml_type), ggml_type)
         return ErrorBound(1, _finite_or_zero(limit))
 
@@ -519,11 +521,12 @@ class DeltaQ4_0Codec(Codec):
         )
         return out
 
-    def error_bound(self, parts, ggml_type, decoded):
+    def error_bound(self, parts, ggml_type, decoded, first_row=0):
         """Keyframes: exact. Delta rows: closed loop, so the error is that of the row's own
         quantization (the state carries no earlier error), in the rotated domain when rotating."""
         block_bound = bounds.searched_block_bound if self.search else bounds.ggml_residual_block_bound
-        return bounds.delta_bound(parts["q4"], decoded, ggml_type, self.keyframe_interval, self.rotation, block_bound)
+        return bounds.delta_bound(parts["q4"], decoded, first_row, ggml_type, self.keyframe_interval, self.rotation,
+                                  block_bound)
 
 
 @register_codec

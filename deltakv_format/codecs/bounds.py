@@ -211,9 +211,10 @@ def transform_rounding(size: int) -> float:
 # ---- the delta codecs ---------------------------------------------------------------------------
 
 
-def delta_bound(q4: np.ndarray, decoded: np.ndarray, ggml_type: int, keyframe_interval: int, rotation: int,
-                block_bound) -> ErrorBound:
-    """The bound of the closed-loop delta codecs for the segment's first ``decoded.shape[0]`` rows.
+def delta_bound(q4: np.ndarray, decoded: np.ndarray, first_row: int, ggml_type: int, keyframe_interval: int,
+                rotation: int, block_bound) -> ErrorBound:
+    """The bound of the closed-loop delta codecs for the segment's rows ``first_row ..
+    first_row + decoded.shape[0]`` (``first_row`` a keyframe, so the rows carry their own state).
 
     Keyframes decode to their stored bits: limit 0. A delta row's state S is the previous row's
     state plus this row's quantized residual, and the encoder computed that residual against the
@@ -231,8 +232,11 @@ def delta_bound(q4: np.ndarray, decoded: np.ndarray, ggml_type: int, keyframe_in
     y = as_float64(decoded, ggml_type)
     emit = output_rounding(y, ggml_type)
     group = rotation or 1
+    if first_row % keyframe_interval:
+        raise ValueError(f"the rows of a delta bound start on a keyframe (a multiple of {keyframe_interval}), "
+                         f"found first row {first_row}")
     local = np.arange(n_rows)
-    delta_rows = local[local % keyframe_interval != 0]
+    delta_rows = local[(first_row + local) % keyframe_interval != 0]
     limit = np.zeros((n_rows, n_values // group))
     if delta_rows.size == 0:
         return ErrorBound(group, limit)
@@ -242,7 +246,8 @@ def delta_bound(q4: np.ndarray, decoded: np.ndarray, ggml_type: int, keyframe_in
         state = np.abs(rotate_f32(y, rotation)) + np.repeat(2.0 ** -18 * y_norm + emit_norm, rotation, axis=1) + TINY
     else:
         state = np.abs(y) + emit
-    scales, codes = q4_0_blocks(q4[delta_rows - delta_rows // keyframe_interval - 1])
+    segment_rows = first_row + delta_rows
+    scales, codes = q4_0_blocks(q4[segment_rows - segment_rows // keyframe_interval - 1])
     scale_size = (np.abs(scales) + half_ulp(scales, GGMLType.F16))[:, :, None]
     magnitudes = (state[delta_rows - 1] + state[delta_rows]).reshape(codes.shape)
     rounding = STATE_ROUNDING * (magnitudes + 64.0 * scale_size) + TINY
