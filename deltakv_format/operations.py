@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .codecs import get_codec
-from .constants import CODEC_DELTA_Q4_0, CODEC_DKV_Q4, FLOAT_TYPES, GGUF_MAGIC, GGMLType
+from .codecs import CODEC_CLASSES, get_codec
+from .codecs.bounds import as_float64
+from .constants import FLOAT_TYPES, GGUF_MAGIC, GGMLType
 from .container import DkvFile, replacing_file
 from .errors import ChecksumError, CodecError, CorruptError, DeltaKVError
 from .session_cells import cell_record_ends, owned_spans
@@ -142,7 +143,8 @@ def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_
 
     ``k_codec`` / ``v_codec``: another codec for the K or the V tracks (``keyframe_interval`` applies
     to every delta codec)."""
-    delta_codecs = (CODEC_DELTA_Q4_0, CODEC_DKV_Q4)
+    # the codecs that take a keyframe interval: the delta codecs
+    delta_codecs = tuple(name for name, cls in CODEC_CLASSES.items() if "keyframe_interval" in cls.parameters)
     if keyframe_interval and not {codec, k_codec, v_codec} & set(delta_codecs):
         raise CodecError(f"--keyframe-interval applies to the delta codecs ({', '.join(delta_codecs)}); "
                          f"found codec {codec}" + (f", K {k_codec}" if k_codec else "") + (f", V {v_codec}" if v_codec else ""))
@@ -306,11 +308,6 @@ class ValidationReport:
     layers: list[dict] = field(default_factory=list)
 
 
-# Worst-case error bound of each codec relative to the largest magnitude of the row's 32-value
-# block (per chunk for the delta codecs); see tests/test_codecs.py for the derivation.
-CODEC_RELATIVE_BOUND = {"raw": 0.0, "f16": 1e-3, "q8_0": 0.01, "q4_0": 0.13, "delta-q4_0": 0.3, "dkv-q4": 0.6}
-
-
 def _as_f32(bits: np.ndarray, ggml_type: int) -> np.ndarray:
     from .reference import from_source_bits
 
@@ -319,7 +316,9 @@ def _as_f32(bits: np.ndarray, ggml_type: int) -> np.ndarray:
 
 def validate(path, *, against=None, model_path=None) -> ValidationReport:
     """Structure and checksums of a .dkv (or parseability of a llama.cpp file); with ``against``,
-    per-layer error figures of the decoded K/V against the original state.
+    per-layer error figures of the decoded K/V against the original state, each checked against the
+    bound its codec proves from the stored parts (SPEC.md 6.4): a problem is an error that the stored
+    scales cannot explain, never a large error the codec stated.
 
     A file that cannot be read as a .dkv container (not GGUF, another format version, a header
     that fails its checksum) raises. A container that reads but whose content breaks the format
@@ -457,21 +456,69 @@ def compare_states(original: LlamaState, rebuilt: LlamaState, session: DkvSessio
                 continue
             entry = {"track": track.name, "codec": track.codec.name, "type": GGMLType(ta.ggml_type).name}
             if ta.ggml_type in FLOAT_TYPES and ta.cell_count:
-                x = _as_f32(ta.rows(), ta.ggml_type)
-                y = _as_f32(tb.rows(), tb.ggml_type)
-                err = np.abs(y - x)
-                amax = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2) if x.shape[1] % 32 == 0 else np.abs(x).max(axis=1, keepdims=True)
-                entry["rmse"] = float(np.sqrt(np.mean((y - x) ** 2)))
-                entry["max_abs_error"] = float(err.max())
-                entry["rms_value"] = float(np.sqrt(np.mean(x ** 2)))
-                rel = float((err.reshape(err.shape[0], amax.shape[1], -1).max(axis=2) / np.maximum(amax, 1e-30)).max()) if x.shape[1] % 32 == 0 else 0.0
-                entry["max_block_relative_error"] = rel
-                entry["within_bound"] = rel <= CODEC_RELATIVE_BOUND[track.codec.name] + 1e-3
-                if not entry["within_bound"]:
-                    problems.append(f"{track.name}: error {rel:.4f} of the block maximum exceeds the {track.codec.name} bound {CODEC_RELATIVE_BOUND[track.codec.name]}")
+                _compare_float_track(session, track, ta, tb, entry, problems)
             else:
                 entry["identical"] = bytes(ta.data) == bytes(tb.data)
                 if not entry["identical"]:
                     problems.append(f"{track.name}: raw payload differs from the original")
             layers.append(entry)
     return layers, problems
+
+
+def _compare_float_track(session: DkvSession, track, ta, tb, entry: dict, problems: list[str]) -> None:
+    """Error figures of one float track, and its check against the codec's bound."""
+    # a damaged payload may decode to infinities or NaN: they are reported, not warned about
+    with np.errstate(invalid="ignore", over="ignore"):
+        original = np.ascontiguousarray(ta.rows())
+        decoded = np.ascontiguousarray(tb.rows())
+        x = _as_f32(original, ta.ggml_type)
+        y = _as_f32(decoded, tb.ggml_type)
+        entry["rmse"] = float(np.sqrt(np.mean((y - x) ** 2)))
+        entry["max_abs_error"] = float(np.abs(y - x).max())
+        entry["rms_value"] = float(np.sqrt(np.mean(x ** 2)))
+        entry["max_block_relative_error"] = 0.0
+        if x.shape[1] % 32 == 0:  # informative: what the error is next to each block's largest value
+            amax = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2)
+            block_err = np.abs(y - x).reshape(x.shape[0], -1, 32).max(axis=2)
+            entry["max_block_relative_error"] = float((block_err / np.maximum(amax, 1e-30)).max())
+        used, excess = _check_bound(session, track, original, decoded)
+        entry["bound_used"] = used
+        entry["within_bound"] = not excess
+        problems += excess
+
+
+_BOUND_PIECE_VALUES = 1 << 22  # values per piece of a track checked at once (32 MiB per float64 array)
+
+
+def _check_bound(session: DkvSession, track, original_bits: np.ndarray, decoded_bits: np.ndarray) -> tuple[float, list[str]]:
+    """Check the track's decoded rows, segment by segment, against the error bound its codec proves
+    from the stored parts (SPEC.md 6.4). Returns the largest fraction of the bound an error used (0
+    when every row is exact) and, if some error breaks it, one problem saying where it first did."""
+    codec = track.codec
+    worst, over_count, figures, first_over = 0.0, 0, 0, None
+    # in pieces of whole keyframe chunks, so that the float64 work arrays stay small on long sessions
+    piece = max(1, _BOUND_PIECE_VALUES // max(track.n_values, 1) // codec.keyframe_interval) * codec.keyframe_interval
+    for segment, first, end in session._owned(track.stream):
+        # a segment owns its rows from its first row on (SPEC.md 3.2): local rows 0 .. end - first
+        parts = session._parts(track, segment)
+        for lo in range(0, end - first, piece):
+            hi = min(lo + piece, end - first)
+            decoded = decoded_bits[first + lo:first + hi]
+            bound = codec.error_bound(parts, track.ggml_type, decoded, first_row=lo)
+            errors = bound.errors(as_float64(original_bits[first + lo:first + hi], track.ggml_type),
+                                  as_float64(decoded, track.ggml_type))
+            over = ~(errors <= bound.limit)  # NaN errors (a damaged payload decoding to NaN) count as over
+            with np.errstate(divide="ignore", invalid="ignore"):
+                used = np.where(bound.limit > 0, errors / bound.limit, np.where(errors == 0, 0.0, np.inf))
+            used[np.isnan(used)] = np.inf
+            worst = max(worst, float(used.max()) if used.size else 0.0)
+            figures += over.size
+            over_count += int(over.sum())
+            if first_over is None and over.any():
+                row, group = np.argwhere(over)[0]
+                what = f"value {group}" if bound.group == 1 else f"values {group * bound.group}..{(group + 1) * bound.group - 1} (L2)"
+                first_over = f"row {first + lo + row}, {what}: error {errors[row, group]:.6g}, bound {bound.limit[row, group]:.6g}"
+    if first_over is None:
+        return worst, []
+    return worst, [f"{track.name}: {over_count} of {figures} error figures exceed what the stored {codec.name} parts "
+                   f"prove (SPEC.md 6.4); first at {first_over}"]

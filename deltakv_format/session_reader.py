@@ -188,19 +188,15 @@ class DkvSession:
                     self._check_parts(t, s, rows, self._parts(t, s, verify=False))
 
     def _check_parts(self, t: Track, s: int, rows: int, parts: dict) -> None:
-        """The part tensors of a track segment hold exactly ``rows`` rows, split as SPEC.md 3.2 says
-        (the decoders index them without bounds checks)."""
-        if t.codec.rows_of_parts(parts) != rows:
-            raise CorruptError(f"tensors of {t.name} segment {s} hold {t.codec.rows_of_parts(parts)} rows, expected {rows}")
-        if "key" in parts:
-            n_key = -(-rows // t.codec.keyframe_interval)
-            want = {"key": n_key, "q4": rows - n_key}
-            if "mode" in parts and rows > n_key:
-                want["mode"] = rows - n_key
-            for role, n in want.items():
-                if parts[role].shape[0] != n:
-                    raise CorruptError(f"tensor {t.part_name(s, role)!r}: expected {n} rows for {rows} rows with "
-                                       f"keyframe interval {t.codec.keyframe_interval}, found {parts[role].shape[0]}")
+        """The part tensors of a track segment hold exactly ``rows`` rows, split as the codec says
+        (SPEC.md 3.2; the decoders index them without bounds checks)."""
+        held = t.codec.rows_of_parts(parts)
+        if held != rows:
+            raise CorruptError(f"tensors of {t.name} segment {s} hold {held} rows, expected {rows}")
+        for role, n in t.codec.expected_part_rows(rows).items():
+            if parts[role].shape[0] != n:
+                raise CorruptError(f"tensor {t.part_name(s, role)!r}: expected {n} rows for {rows} rows with "
+                                   f"keyframe interval {t.codec.keyframe_interval}, found {parts[role].shape[0]}")
 
     # -- reading ---------------------------------------------------------------------
 

@@ -4,10 +4,12 @@ The kernel library is built from the one CUDA/HIP source with :func:`build_libra
 for AMD) into ``runtime/build/`` (git-ignored) the first time it is needed; ``runtime/kernels/build.sh``
 does the same from a shell. :func:`is_available` says whether a GPU and the library are usable.
 
-:func:`decode` and :func:`encode` take and return numpy arrays (host memory) with the signatures and
-results of the codec classes (``Codec.decode`` / ``Codec.encode`` in deltakv_format/codecs): the
-same bytes as the Numba reference, bit for bit. :class:`Kernels` exposes the C ABI on device pointers
-(see deltakv_kernels.h) for callers that keep data on the GPU.
+:func:`decode` and :func:`encode` take a codec object and numpy arrays (host memory) and return the
+results of its methods (``Codec.decode`` / ``Codec.encode`` in deltakv_format/codecs): the same
+bytes as the Numba reference, bit for bit. The kernels are registered per codec class in
+``CODEC_KERNELS``; with ``kernels_for`` this module is itself the accelerator that
+``deltakv_format.codecs.use_accelerator`` takes. :class:`Kernels` exposes the C ABI on device
+pointers (see deltakv_kernels.h) for callers that keep data on the GPU.
 
 Backends (``DELTAKV_GPU_BACKEND``): ``cuda`` (default when nvcc is found), ``hip``, or ``emulator``:
 the same kernels compiled for the CPU by a C++ compiler with a small warp emulator, to test the
@@ -30,15 +32,16 @@ import numpy as np
 from deltakv_format.codecs import (
     BITS_DTYPE,
     KIND_OF_TYPE,
+    Codec,
     DeltaQ4_0Codec,
+    DkvQ4Codec,
     F16Codec,
+    KernelRegistry,
     Q4_0Codec,
     Q8_0Codec,
-    RawCodec,
-    _check_finite,
-    get_codec,
+    check_finite,
 )
-from deltakv_format.constants import GGMLType
+from deltakv_format.constants import FLOAT_TYPES, GGMLType, ggml_row_bytes
 from deltakv_format.errors import CodecError
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
@@ -335,87 +338,137 @@ def _kind(ggml_type: int) -> int:
         raise CodecError(f"the GPU codecs take F16, BF16 or F32 tracks, found ggml type {ggml_type}") from None
 
 
-def _codec(codec_name: str, keyframe_interval, rotation):
-    return get_codec(codec_name, keyframe_interval=keyframe_interval, rotation=rotation)
+def _part_shapes(codec: Codec, ggml_type: int, n_rows: int, n_values: int) -> dict[str, tuple[tuple[int, int], type]]:
+    """(rows, row elements) and element dtype of each part ``codec.encode`` returns for these rows."""
+    rows_of = codec.expected_part_rows(n_rows)
+    shapes = {}
+    for part in codec.parts(ggml_type, n_values):
+        if part.ggml_type in FLOAT_TYPES:
+            shapes[part.role] = ((rows_of[part.role], part.n_values), BITS_DTYPE[GGMLType(part.ggml_type)])
+        else:  # quantized blocks and bitmaps travel as bytes
+            shapes[part.role] = ((rows_of[part.role], ggml_row_bytes(part.ggml_type, part.n_values)), np.uint8)
+    return shapes
 
 
-def decode(codec_name: str, parts: dict, ggml_type: int, n_values: int, row_lo: int, row_hi: int,
-           keyframe_interval: int | None = None, rotation: int | None = None, *, backend: str | None = None) -> np.ndarray:
-    """Rows [row_lo, row_hi) of one segment, decoded on the GPU: ``Codec.decode`` bit for bit.
+def decode(codec: Codec, parts: dict, ggml_type: int, n_values: int, row_lo: int, row_hi: int, *,
+           backend: str | None = None) -> np.ndarray:
+    """Rows [row_lo, row_hi) of one segment, decoded on the GPU: ``codec.decode`` bit for bit.
 
     ``parts`` are the segment's parts as host arrays (``Codec.encode``'s output); the result is a
     (row_hi - row_lo) x n_values array of element bits (uint16 for F16/BF16, uint32 for F32).
+    A codec without GPU kernels (raw: a byte copy) decodes on the CPU.
     """
-    codec = _codec(codec_name, keyframe_interval, rotation)
-    if isinstance(codec, RawCodec):
+    kernels = CODEC_KERNELS.kernels_for(codec)
+    if kernels is None:
         return codec.decode(parts, ggml_type, n_values, row_lo, row_hi)
-    if not codec.accepts(ggml_type, n_values):
-        raise CodecError(f"codec {codec.name} cannot decode a {GGMLType(ggml_type).name} track of {n_values} values")
-    kind = _kind(ggml_type)
-    n_rows = codec.rows_of_parts(parts)
-    if not 0 <= row_lo <= row_hi <= n_rows:
-        raise CodecError(f"rows [{row_lo}, {row_hi}) are outside the segment's {n_rows} rows")
-    n_out = row_hi - row_lo
-    dtype = BITS_DTYPE[GGMLType(ggml_type)]
-    if n_out == 0:
-        return np.empty((0, n_values), dtype)
-    k = load(backend)
-    with _Device(k) as dev:
-        out = dev.alloc(n_out * n_values * np.dtype(dtype).itemsize)
-        if isinstance(codec, DeltaQ4_0Codec):
-            keys = np.ascontiguousarray(parts["key"])
-            if keys.dtype != dtype or keys.shape[1:] != (n_values,):
-                raise CodecError(f"key part must be rows x {n_values} {np.dtype(dtype)}, found {keys.shape} {keys.dtype}")
-            q4 = np.ascontiguousarray(parts["q4"], dtype=np.uint8)
-            modes = parts.get("mode") if codec.adaptive else None
-            k.decode_delta(dev.put(keys), dev.put(q4), dev.put(modes), int(codec.adaptive), n_rows, n_values,
-                           codec.keyframe_interval, codec.rotation, kind, row_lo, row_hi, out, None)
-        else:
-            data = np.ascontiguousarray(parts["data"][row_lo:row_hi])
-            fn = {F16Codec: k.decode_f16, Q8_0Codec: k.decode_q8_0, Q4_0Codec: k.decode_q4_0}[type(codec)]
-            fn(dev.put(data), n_out, n_values, kind, out, None)
-        return dev.get(out, (n_out, n_values), dtype)
+    return kernels.decode(codec, parts, ggml_type, n_values, row_lo, row_hi, backend=backend)
 
 
-def encode(codec_name: str, rows: np.ndarray, ggml_type: int, keyframe_interval: int | None = None,
-           rotation: int | None = None, *, where: str = "track", backend: str | None = None) -> dict[str, np.ndarray]:
-    """Encode one segment's rows (element bits) on the GPU: ``Codec.encode`` bit for bit."""
-    codec = _codec(codec_name, keyframe_interval, rotation)
-    if isinstance(codec, RawCodec):
+def encode(codec: Codec, rows: np.ndarray, ggml_type: int, *, where: str = "track",
+           backend: str | None = None) -> dict[str, np.ndarray]:
+    """Encode one segment's rows (element bits) on the GPU: ``codec.encode`` bit for bit."""
+    kernels = CODEC_KERNELS.kernels_for(codec)
+    if kernels is None:
         return codec.encode(rows, ggml_type, where)
-    rows = np.ascontiguousarray(rows)
-    n_rows, n_values = rows.shape
-    if not codec.accepts(ggml_type, n_values):
-        raise CodecError(f"codec {codec.name} cannot encode a {GGMLType(ggml_type).name} track of {n_values} values")
-    kind = _kind(ggml_type)
-    if rows.dtype != BITS_DTYPE[GGMLType(ggml_type)]:
-        raise CodecError(f"rows must be {np.dtype(BITS_DTYPE[GGMLType(ggml_type)])} bit patterns, found {rows.dtype}")
-    if isinstance(codec, F16Codec) and ggml_type == GGMLType.F16:
-        return {"data": rows.copy()}
-    _check_finite(rows, ggml_type, where)
-    nb = n_values // 32
-    k = load(backend)
-    with _Device(k) as dev:
-        src = dev.put(rows)
-        if isinstance(codec, DeltaQ4_0Codec):
-            n_keys = -(-n_rows // codec.keyframe_interval) if n_rows else 0
-            n_delta = n_rows - n_keys
-            n_mode_rows = n_delta if codec.adaptive else 0
-            keys = dev.alloc(n_keys * n_values * rows.itemsize)
-            q4 = dev.alloc(n_delta * nb * 18)
-            modes = dev.alloc(n_mode_rows * ((nb + 7) // 8))
-            k.encode_delta(src, kind, n_rows, n_values, codec.keyframe_interval, codec.rotation, int(codec.adaptive),
-                           int(codec.search), keys, q4, modes if codec.adaptive else None, None)
-            out = {"key": dev.get(keys, (n_keys, n_values), rows.dtype), "q4": dev.get(q4, (n_delta, nb * 18), np.uint8)}
-            if codec.adaptive:
-                out["mode"] = dev.get(modes, (n_mode_rows, (nb + 7) // 8), np.uint8)
-            return out
-        if isinstance(codec, F16Codec):
-            data = dev.alloc(n_rows * n_values * 2)
-            k.encode_f16(src, kind, n_rows, n_values, data, None)
-            return {"data": dev.get(data, (n_rows, n_values), np.uint16)}
-        block_bytes = 34 if isinstance(codec, Q8_0Codec) else 18
-        data = dev.alloc(n_rows * nb * block_bytes)
-        fn = k.encode_q8_0 if isinstance(codec, Q8_0Codec) else k.encode_q4_0
-        fn(src, kind, n_rows, n_values, data, None)
-        return {"data": dev.get(data, (n_rows, nb * block_bytes), np.uint8)}
+    return kernels.encode(codec, rows, ggml_type, where, backend=backend)
+
+
+def kernels_for(codec: Codec):
+    """The accelerator interface (``deltakv_format.codecs.use_accelerator(deltakv_runtime.gpu)``)."""
+    return CODEC_KERNELS.kernels_for(codec)
+
+
+# ---- the kernels of each codec class ------------------------------------------------------------
+
+
+def _decode_with(launch):
+    """A decoder for ``CODEC_KERNELS``: the checks every codec needs, then ``launch`` on the device."""
+
+    def decode_on_gpu(codec, parts, ggml_type, n_values, row_lo, row_hi, *, backend=None):
+        if not codec.accepts(ggml_type, n_values):
+            raise CodecError(f"codec {codec.name} cannot decode a {GGMLType(ggml_type).name} track of {n_values} values")
+        kind = _kind(ggml_type)
+        n_rows = codec.rows_of_parts(parts)
+        if not 0 <= row_lo <= row_hi <= n_rows:
+            raise CodecError(f"rows [{row_lo}, {row_hi}) are outside the segment's {n_rows} rows")
+        n_out = row_hi - row_lo
+        dtype = BITS_DTYPE[GGMLType(ggml_type)]
+        if n_out == 0:
+            return np.empty((0, n_values), dtype)
+        k = load(backend)
+        with _Device(k) as dev:
+            out = dev.alloc(n_out * n_values * np.dtype(dtype).itemsize)
+            launch(k, dev, codec, parts, dtype, n_rows, n_values, kind, row_lo, row_hi, out)
+            return dev.get(out, (n_out, n_values), dtype)
+
+    return decode_on_gpu
+
+
+def _encode_with(launch):
+    """An encoder for ``CODEC_KERNELS``: the checks every codec needs, then ``launch`` on the device."""
+
+    def encode_on_gpu(codec, rows, ggml_type, where="track", *, backend=None):
+        rows = np.ascontiguousarray(rows)
+        n_rows, n_values = rows.shape
+        if not codec.accepts(ggml_type, n_values):
+            raise CodecError(f"codec {codec.name} cannot encode a {GGMLType(ggml_type).name} track of {n_values} values")
+        kind = _kind(ggml_type)
+        if rows.dtype != BITS_DTYPE[GGMLType(ggml_type)]:
+            raise CodecError(f"rows must be {np.dtype(BITS_DTYPE[GGMLType(ggml_type)])} bit patterns, found {rows.dtype}")
+        if isinstance(codec, F16Codec) and ggml_type == GGMLType.F16:
+            return {"data": rows.copy()}  # the stored bits are the cache's, NaN and infinities included
+        check_finite(rows, ggml_type, where)
+        shapes = _part_shapes(codec, ggml_type, n_rows, n_values)
+        k = load(backend)
+        with _Device(k) as dev:
+            src = dev.put(rows)
+            outs = {role: dev.alloc(int(np.prod(shape)) * np.dtype(dtype).itemsize) for role, (shape, dtype) in shapes.items()}
+            launch(k, src, codec, kind, n_rows, n_values, outs)
+            return {role: dev.get(outs[role], shape, dtype) for role, (shape, dtype) in shapes.items()}
+
+    return encode_on_gpu
+
+
+def _launch_decode_data(kernel: str):
+    """f16, q8_0, q4_0: one ``data`` part, each row decoded on its own."""
+
+    def launch(k, dev, codec, parts, dtype, n_rows, n_values, kind, row_lo, row_hi, out):
+        data = np.ascontiguousarray(parts["data"][row_lo:row_hi])
+        getattr(k, kernel)(dev.put(data), row_hi - row_lo, n_values, kind, out, None)
+
+    return launch
+
+
+def _launch_encode_data(kernel: str):
+    def launch(k, src, codec, kind, n_rows, n_values, outs):
+        getattr(k, kernel)(src, kind, n_rows, n_values, outs["data"], None)
+
+    return launch
+
+
+def _launch_decode_delta(k, dev, codec, parts, dtype, n_rows, n_values, kind, row_lo, row_hi, out):
+    keys = np.ascontiguousarray(parts["key"])
+    if keys.dtype != dtype or keys.shape[1:] != (n_values,):
+        raise CodecError(f"key part must be rows x {n_values} {np.dtype(dtype)}, found {keys.shape} {keys.dtype}")
+    q4 = np.ascontiguousarray(parts["q4"], dtype=np.uint8)
+    modes = parts.get("mode") if codec.adaptive else None
+    k.decode_delta(dev.put(keys), dev.put(q4), dev.put(modes), int(codec.adaptive), n_rows, n_values,
+                   codec.keyframe_interval, codec.rotation, kind, row_lo, row_hi, out, None)
+
+
+def _launch_encode_delta(k, src, codec, kind, n_rows, n_values, outs):
+    k.encode_delta(src, kind, n_rows, n_values, codec.keyframe_interval, codec.rotation, int(codec.adaptive),
+                   int(codec.search), outs["key"], outs["q4"], outs.get("mode"), None)
+
+
+CODEC_KERNELS = KernelRegistry()
+"""The GPU kernels of each codec class; raw (a byte copy) has none and stays on the CPU."""
+CODEC_KERNELS.register(F16Codec, encode=_encode_with(_launch_encode_data("encode_f16")),
+                       decode=_decode_with(_launch_decode_data("decode_f16")))
+CODEC_KERNELS.register(Q8_0Codec, encode=_encode_with(_launch_encode_data("encode_q8_0")),
+                       decode=_decode_with(_launch_decode_data("decode_q8_0")))
+CODEC_KERNELS.register(Q4_0Codec, encode=_encode_with(_launch_encode_data("encode_q4_0")),
+                       decode=_decode_with(_launch_decode_data("decode_q4_0")))
+# one kernel pair serves both delta codecs: the codec's adaptive / search flags select the variant
+CODEC_KERNELS.register(DeltaQ4_0Codec, DkvQ4Codec, encode=_encode_with(_launch_encode_delta),
+                       decode=_decode_with(_launch_decode_delta))

@@ -6,19 +6,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deltakv_format import reference
-from deltakv_format.codecs import get_codec, codec_for_track
+from deltakv_format.codecs import CODEC_CLASSES, get_codec, codec_for_track
 from deltakv_format.codecs import kernels
 from deltakv_format.constants import GGMLType
 from deltakv_format.errors import CodecError
 from deltakv_format.numerics import F16_TO_F32
 
+from .codec_checks import check_bound_holds
 from .ggml_lib import ggml_dequantize, ggml_quantize, load_ggml_base
 
 GGML = load_ggml_base()
 needs_ggml = pytest.mark.skipif(GGML is None, reason="llama-cpp-python's libggml-base is not installed (pip install -e '.[llama]')")
 
 BITS = {GGMLType.F16: np.uint16, GGMLType.BF16: np.uint16, GGMLType.F32: np.uint32}
-LOSSY = ["q8_0", "q4_0", "delta-q4_0", "dkv-q4"]
+# the codecs that refuse non-finite values: all but those that store an F16 cache as it is
+LOSSY = [name for name in CODEC_CLASSES if name not in ("raw", "f16")]
 
 
 def to_bits(values: np.ndarray, ggml_type) -> np.ndarray:
@@ -53,18 +55,19 @@ def tracks(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(track=tracks(), codec_name=st.sampled_from(["raw", "f16", "q8_0", "q4_0", "delta-q4_0", "dkv-q4"]),
+@given(track=tracks(), codec_name=st.sampled_from(list(CODEC_CLASSES)),
        interval=st.sampled_from([1, 2, 7, 16, 32, 64]), rotation=st.sampled_from([0, 16, 64]))
 def test_round_trip_matches_reference_and_error_is_bounded(track, codec_name, interval, rotation):
     ggml_type, bits = track
     rows, cols = bits.shape
-    params = {"keyframe_interval": interval, "rotation": rotation} if codec_name in ("delta-q4_0", "dkv-q4") else {}
+    params = {"keyframe_interval": interval, "rotation": rotation} if CODEC_CLASSES[codec_name].parameters else {}
     codec = codec_for_track(get_codec(codec_name, **params), ggml_type, cols)
     parts = codec.encode(bits, ggml_type)
     out = codec.decode(parts, ggml_type, cols, 0, rows)
     ref = reference.decode_parts(codec.name, parts, ggml_type, codec.keyframe_interval, codec.rotation)
     assert np.array_equal(np.ascontiguousarray(out).view(np.uint8), np.ascontiguousarray(ref).view(np.uint8))
     assert codec.rows_of_parts(parts) == rows
+    check_bound_holds(codec, parts, ggml_type, bits, out)  # the bound the codec proves (SPEC.md 6.4)
     x = to_f32(bits, ggml_type)
     y = to_f32(out, ggml_type)
     assert np.isfinite(y).all()

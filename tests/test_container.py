@@ -6,13 +6,14 @@ import struct
 import numpy as np
 import pytest
 
+from deltakv_format.codecs import CODEC_CLASSES
 from deltakv_format.container import DkvFile, HEADER_CRC_VALUE_OFFSET, crc32c
 from deltakv_format.errors import BadMagicError, ChecksumError, DeltaKVError, TruncatedError, UnsupportedVersionError
 from deltakv_format.session import DkvSession, append_session, write_session
 
 from .synthetic import SyntheticContext, payloads, same_state
 
-CODECS = ["raw", "f16", "q8_0", "q4_0", "delta-q4_0", "dkv-q4"]
+CODECS = list(CODEC_CLASSES)
 
 
 def test_crc32c_known_value():

@@ -118,11 +118,11 @@ def check_codec(name, interval, rotation, rows, ggml_type, ranges=()):
     codec = codec_of(name, interval, rotation)
     n_rows, n_values = rows.shape
     want = codec.encode(rows, ggml_type)
-    got = gpu.encode(name, rows, ggml_type, interval, rotation)
+    got = gpu.encode(codec, rows, ggml_type)
     assert_parts_equal(got, want)
     for lo, hi in [(0, n_rows), *ranges]:
         ref = codec.decode(want, ggml_type, n_values, lo, hi)
-        out = gpu.decode(name, want, ggml_type, n_values, lo, hi, interval, rotation)
+        out = gpu.decode(codec, want, ggml_type, n_values, lo, hi)
         assert_bits_equal(out, ref)
 
 
@@ -144,13 +144,13 @@ def test_golden_vector(name, vpl):
     cfg = v["codec"]
     if cfg["codec"] == "raw":
         pytest.skip("raw is a byte copy; no kernel")
-    interval, rotation = cfg.get("keyframe_interval"), cfg.get("rotation")
-    got = gpu.encode(cfg["codec"], rows, ggml_type, interval, rotation)
+    codec = Codec.from_config(cfg)
+    got = gpu.encode(codec, rows, ggml_type)
     assert_parts_equal({k: np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1) for k, a in got.items()},
                        {k: a.view(np.uint8).reshape(a.shape[0], -1) for k, a in parts.items()})
     n = v["rows"]
     for lo, hi in [(0, n), (0, 1), (1, n), (n // 2, n), (n - 1, n)]:
-        out = gpu.decode(cfg["codec"], parts, ggml_type, v["values_per_row"], lo, hi, interval, rotation)
+        out = gpu.decode(codec, parts, ggml_type, v["values_per_row"], lo, hi)
         assert out.tobytes() == decoded[lo:hi].tobytes(), (lo, hi)
 
 
@@ -202,9 +202,10 @@ def test_matches_numpy_reference_decoder(vpl):
     for name, interval, rotation in [("delta-q4_0", 8, 0), ("dkv-q4", 8, 64), ("q4_0", None, None), ("q8_0", None, None)]:
         for ggml_type in FLOATS:
             rows = kv_like(rng, 37, 128, ggml_type)
-            parts = codec_of(name, interval, rotation).encode(rows, ggml_type)
+            codec = codec_of(name, interval, rotation)
+            parts = codec.encode(rows, ggml_type)
             ref = reference.decode_parts(name, parts, ggml_type, interval or 1, rotation or 0)
-            out = gpu.decode(name, parts, ggml_type, 128, 0, 37, interval, rotation)
+            out = gpu.decode(codec, parts, ggml_type, 128, 0, 37)
             assert_bits_equal(out, np.ascontiguousarray(ref))
 
 
@@ -232,7 +233,7 @@ def test_random_bytes_decode(name, interval, rotation, ggml_type, vpl):
         raw = rng.integers(0, 256, a.view(np.uint8).size, dtype=np.uint8)  # any scale: huge, inf, NaN
         parts[role] = raw.view(a.dtype).reshape(a.shape)
     ref = codec.decode(parts, ggml_type, n_values, 0, n_rows)
-    out = gpu.decode(name, parts, ggml_type, n_values, 0, n_rows, interval, rotation)
+    out = gpu.decode(codec, parts, ggml_type, n_values, 0, n_rows)
     nan_ref, nan_out = _nan_mask(ref, ggml_type), _nan_mask(out, ggml_type)
     assert np.array_equal(nan_ref, nan_out), "NaN positions differ"
     assert_bits_equal(np.where(nan_ref, 0, out).astype(out.dtype), np.where(nan_ref, 0, ref).astype(ref.dtype))

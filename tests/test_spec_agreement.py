@@ -3,7 +3,7 @@
 import re
 
 from deltakv_format import constants
-from deltakv_format.codecs import get_codec
+from deltakv_format.codecs import CODEC_CLASSES, get_codec
 from deltakv_format.container import HEADER_CRC_VALUE_OFFSET, KEY_HEADER_CRC, KEY_RESERVE, KEY_TENSOR_CRC
 from deltakv_format.session_schema import ANY_LENGTH, SESSION_KEYS, TENSOR_TEMPLATES, TrackId, parse_track_part
 
@@ -32,6 +32,21 @@ def test_every_codec_is_specified_with_its_parts():
         for part in codec.parts(constants.GGMLType.F16, 64):
             assert f"`{part.role}`" in SPEC, (name, part.role)
     assert f"Default `N` = {constants.DEFAULT_KEYFRAME_INTERVAL}" in SPEC
+
+
+def test_every_registered_codec_states_its_error_bound():
+    """SPEC.md 6.4 has one row per codec, and the constants the bounds use are the ones it states."""
+    from deltakv_format.codecs import bounds
+
+    section = SPEC[SPEC.index("### 6.4 Error bounds"):SPEC.index("## 7. Reading")]
+    rows = re.findall(r"^\| `([a-z0-9_-]+)` \|", section, re.M)
+    assert rows == list(CODEC_CLASSES)
+    assert f"`α = {bounds.SEARCH_ALPHA}`" in section
+    assert "1/2 + 2^-15" in section and bounds.GGML_Q8_0_STEP == 0.5 + 2.0 ** -15
+    assert "1/2 + 2^-18" in section and bounds.GGML_Q4_0_STEP == 0.5 + 2.0 ** -18
+    assert "1 + 2^-18" in section and bounds.GGML_Q4_0_CLAMPED_STEP == 1 + 2.0 ** -18
+    assert "1/2 + 2^-19" in section and bounds.SEARCH_ROUNDING_STEP == 0.5 + 2.0 ** -19
+    assert "at most `2^-20`" in section and bounds.STATE_ROUNDING == 2.0 ** -20
 
 
 def test_rotation_sizes_and_journal():

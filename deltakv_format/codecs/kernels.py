@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..constants import GGML_BLOCK_SIZES, GGMLType
 from ..numerics import F16_TO_F32, f16_bits_to_f32_fast  # noqa: F401 (F16_TO_F32 re-exported)
 from .simd import (
     dkv_search_group,
@@ -49,9 +50,9 @@ KIND_F16 = 0
 KIND_BF16 = 1
 KIND_F32 = 2
 
-Q4_0_BLOCK_BYTES = 18
-Q8_0_BLOCK_BYTES = 34
-BLOCK_VALUES = 32
+# Block layouts from the one size table (numba freezes these globals into the compiled kernels).
+BLOCK_VALUES, Q4_0_BLOCK_BYTES = GGML_BLOCK_SIZES[GGMLType.Q4_0]
+Q8_0_BLOCK_BYTES = GGML_BLOCK_SIZES[GGMLType.Q8_0][1]
 
 # error_model="numpy": float division by zero gives inf/nan instead of a Python exception check,
 # which would put a branch into every vectorised loop. fastmath stays off (SPEC.md section 5).
