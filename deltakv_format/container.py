@@ -119,7 +119,8 @@ def build_header(kvs: list[KeyValue], tensors: list[TensorInfo], tensor_crcs: li
     if reserve < 0:
         return b""
     header = bytearray(pack_header(_with_crc_fields(kvs, tensor_crcs, reserve), tensors))
-    assert len(header) == data_start
+    if len(header) != data_start:  # the reserve's own length word can only shift it by whole bytes
+        raise DeltaKVError(f"header is {len(header)} bytes, expected exactly data_start = {data_start}")
     crc = crc32c(bytes(header))
     struct.pack_into("<I", header, HEADER_CRC_VALUE_OFFSET, crc)
     return bytes(header)

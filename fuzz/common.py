@@ -367,6 +367,8 @@ def mutate_dkv_semantic(data: bytes, rnd: random.Random):
     section = data[h.data_start:]
     for _ in range(rnd.choice((1, 1, 1, 2, 3))):
         op = rnd.random()
+        if not kvs and not infos:
+            break  # a header with nothing left to change (the mutations so far removed it all)
         if (op < 0.6 or not infos) and kvs:
             i = rnd.randrange(len(kvs))
             kv = kvs[i]
@@ -416,7 +418,7 @@ def mutate_dkv_semantic(data: bytes, rnd: random.Random):
             t = infos[i]
             r = rnd.random()
             if r < 0.3:
-                shape = list(t.shape)
+                shape = list(t.shape) or [1]  # a 0-dim tensor info: give it a dimension to mutate
                 j = rnd.randrange(len(shape))
                 shape[j] = interesting(shape[j], 8, rnd, len(section)) % (1 << 62)
                 if rnd.random() < 0.2 and len(shape) < 4:

@@ -12,13 +12,15 @@ The state goes through llama.cpp's own sequence-state API (``llama_state_seq_get
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from deltakv_format.codecs import Codec, get_codec
+from deltakv_format.codecs import Codec, get_codec, use_accelerator
 from deltakv_format.constants import DEFAULT_CODEC, FLOAT_TYPES, GGMLType, GGUFValueType
 from deltakv_format.errors import DeltaKVError, SessionMismatchError
 from deltakv_format.gguf_io import KeyValue
@@ -33,41 +35,40 @@ KEY_N_EMBD = "deltakv.runtime.n_embd"
 KEY_SEQ_ID = "deltakv.runtime.seq_id"
 
 
-_GPU_CHECKED = None
+class _GpuProbe:
+    """Whether the GPU kernels can run here, found out once per process."""
+
+    checked = False
+    accelerator = None  # the runtime's gpu module when a CUDA/HIP GPU runs its kernels, else None
+
+    @classmethod
+    def get(cls):
+        if not cls.checked:
+            cls.checked = True
+            if os.environ.get("DELTAKV_GPU", "1") != "0":
+                try:
+                    from . import gpu
+
+                    cls.accelerator = gpu if gpu.is_available() else None
+                except Exception:  # no toolchain, no driver: the CPU path is always there
+                    cls.accelerator = None
+        return cls.accelerator
 
 
+@contextlib.contextmanager
 def accelerated():
     """Use the GPU kernels for the codecs when a CUDA/HIP GPU can run them (same bytes as the CPU).
 
     ``DELTAKV_GPU=0`` turns it off. The first call builds the kernel library if needed
     (README: "GPU"); without a GPU, or if that fails, everything stays on the CPU.
     """
-    import contextlib
-    import os
-
-    from deltakv_format.codecs import use_accelerator
-
-    global _GPU_CHECKED
-    if _GPU_CHECKED is None:
-        _GPU_CHECKED = False
-        if os.environ.get("DELTAKV_GPU", "1") != "0":
-            try:
-                from . import gpu
-
-                _GPU_CHECKED = gpu if gpu.is_available() else False
-            except Exception:  # no toolchain, no driver: the CPU path is always there
-                _GPU_CHECKED = False
-
-    @contextlib.contextmanager
-    def scope():
-        previous = use_accelerator(_GPU_CHECKED) if _GPU_CHECKED else None
-        try:
-            yield bool(_GPU_CHECKED)
-        finally:
-            if _GPU_CHECKED:
-                use_accelerator(previous)
-
-    return scope()
+    accelerator = _GpuProbe.get()
+    previous = use_accelerator(accelerator) if accelerator is not None else None
+    try:
+        yield accelerator is not None
+    finally:
+        if accelerator is not None:
+            use_accelerator(previous)
 
 
 def _llama_cpp():
