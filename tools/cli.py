@@ -267,21 +267,18 @@ def demo(prompt_tokens, continue_tokens, codec, out_dir, force):
 @friendly_errors
 def eval_(models, texts, prefixes, continuation, chunks, out, rows, add, force):
     """The quality table: KL, PPL change and top-1 agreement vs f16 after save/restore, per codec."""
-    import dataclasses
     import datetime
-    import json as json_
 
-    from deltakv_format.operations import atomic_write
-
+    from .measure.eval_results import EVALUATION_FILES, EvaluationFolder
     from .measure.eval_rows import CODEC_ROWS, REFERENCE_ROWS
-    from .measure.evaluate import EvalConfig, load_results, markdown_table, plot, run_eval
+    from .measure.evaluate import EvalConfig, run_eval
     from .measure.texts import TEXTS
     from .models import MODELS
 
     if add and force:
         _fail("--add keeps the results in --out and --force replaces them: pass one of them")
     if not add:
-        for name in ("results.json", "EVAL.md", "commands.txt", "rate_distortion.png"):
+        for name in EVALUATION_FILES:
             _refuse_to_replace(out / name, force, "pass --add to add to its results or --force to replace them")
     models = models or ("smollm2", "gemma3")
     paths = {}
@@ -295,27 +292,10 @@ def eval_(models, texts, prefixes, continuation, chunks, out, rows, add, force):
     if rows:
         config.codec_rows = [r for r in CODEC_ROWS if r[0] in rows]
         config.reference_rows = [r for r in REFERENCE_ROWS if r in rows]
-    out.mkdir(parents=True, exist_ok=True)
-    earlier = load_results(out / "results.json") if add and (out / "results.json").exists() else []
-
-    def key(r):
-        return r.model, r.text, r.prefix, r.chunk, r.row
-
-    def save_results(results):  # after every run: a long evaluation keeps what it measured
-        new = {key(r) for r in results}
-        merged = [r for r in earlier if key(r) not in new] + results
-        atomic_write(out / "results.json", [json_.dumps([dataclasses.asdict(r) for r in merged], indent=1).encode()])
-        return merged
-
-    results = save_results(run_eval(config, log=lambda m: click.echo(m, err=True), on_run=save_results))
-    table = markdown_table(results)
+    folder = EvaluationFolder(out, keep_earlier=add)
+    results = run_eval(config, log=lambda m: click.echo(m, err=True), on_run=folder.save)
     command = f"{datetime.date.today()}: " + shlex.join(["deltakv", "eval", *sys.argv[2:]])
-    commands = (out / "commands.txt").read_text().splitlines() if add and (out / "commands.txt").exists() else []
-    (out / "commands.txt").write_text("\n".join(commands + [command]) + "\n")
-    measured = "\n".join(f"    {c}" for c in commands + [command])
-    (out / "EVAL.md").write_text(f"Measured with\n\n{measured}\n\n{table}\n")
-    plot(results, out / "rate_distortion.png")
-    click.echo(table)
+    click.echo(folder.record(results, command))
 
 
 if __name__ == "__main__":
