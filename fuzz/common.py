@@ -138,7 +138,7 @@ class StateTarget:
         self.models = []
         try:
             from deltakv_format.model_info import ModelInfo
-            from deltakv_runtime.models import smollm2
+            from deltakv_tools.models import smollm2
 
             p = smollm2()
             if p is not None:

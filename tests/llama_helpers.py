@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from deltakv_runtime.models import smollm2
+from deltakv_tools.models import smollm2
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 MODEL = smollm2()

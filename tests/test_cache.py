@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from deltakv_runtime.models import gemma3_270m
+from deltakv_tools.models import gemma3_270m
 
 from .llama_helpers import MODEL, TEXT, needs_llama
 

@@ -273,7 +273,7 @@ def test_write_errors_name_the_output_not_its_temporary_file(tmp_path, monkeypat
 
 
 def _model(name):
-    from deltakv_runtime.models import MODELS
+    from deltakv_tools.models import MODELS
 
     path = MODELS[name]()
     if path is None:

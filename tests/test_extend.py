@@ -12,7 +12,7 @@ import pytest
 
 from deltakv_format.errors import DeltaKVError, SessionMismatchError
 from deltakv_format.session import DkvSession, write_session
-from deltakv_runtime.models import gemma3_270m, smollm2
+from deltakv_tools.models import gemma3_270m, smollm2
 
 from .llama_helpers import HAVE_LLAMA, TEXT, greedy
 

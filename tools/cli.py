@@ -1,4 +1,4 @@
-"""The ``deltakv`` command. Thin: parses arguments, calls deltakv_format / deltakv_runtime, prints.
+"""The ``deltakv`` command. Thin: parses arguments, calls deltakv_format / deltakv_runtime / deltakv_tools.measure, prints.
 
 Exit codes: 0 success; 1 ``validate`` found a problem; 2 bad input or usage (one line on stderr).
 """
@@ -16,7 +16,8 @@ import click
 
 from deltakv_format.constants import CODECS, DEFAULT_CODEC
 from deltakv_format.errors import DeltaKVError
-from deltakv_runtime.eval_rows import ROW_LABELS
+
+from .measure.eval_rows import ROW_LABELS
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
 
@@ -198,7 +199,7 @@ def bench():
 @friendly_errors
 def bench_codec(rows, values, layers, repeat, codecs, source):
     """Encode and decode GB/s next to a numpy copy of the same bytes."""
-    from .bench_codec import run
+    from .measure.bench_codec import run
 
     click.echo(run(rows=rows, values=values, layers=layers, repeat=repeat, codecs=codecs or CODECS, source=source))
 
@@ -209,7 +210,7 @@ def bench_codec(rows, values, layers, repeat, codecs, source):
 @friendly_errors
 def bench_resume(tokens, codec):
     """Resume from .dkv vs llama_state_seq_load_file vs re-evaluating the prompt (SmolLM2)."""
-    from deltakv_runtime.benchmarks import bench_resume as run
+    from .measure.bench_runtime import bench_resume as run
 
     click.echo(run(tokens=tokens, codec=codec))
 
@@ -222,7 +223,7 @@ def bench_resume(tokens, codec):
 @friendly_errors
 def bench_extend(small, large, added, repeat):
     """Append 64 tokens to a 2k- vs a 32k-token snapshot (SmolLM2)."""
-    from deltakv_runtime.benchmarks import bench_extend as run
+    from .measure.bench_runtime import bench_extend as run
 
     click.echo(run(small=small, large=large, added=added, repeat=repeat))
 
@@ -236,7 +237,7 @@ def bench_extend(small, large, added, repeat):
 @friendly_errors
 def demo(prompt_tokens, continue_tokens, codec, out_dir, force):
     """Save a SmolLM2 session as .dkv, resume it in a fresh context, continue, and compare."""
-    from deltakv_runtime.demo import run_demo
+    from .measure.demo import run_demo
 
     if out_dir is not None:
         _refuse_to_replace(out_dir / "demo.dkv", force)  # the name run_demo gives it
@@ -266,20 +267,18 @@ def demo(prompt_tokens, continue_tokens, codec, out_dir, force):
 @friendly_errors
 def eval_(models, texts, prefixes, continuation, chunks, out, rows, add, force):
     """The quality table: KL, PPL change and top-1 agreement vs f16 after save/restore, per codec."""
-    import dataclasses
     import datetime
-    import json as json_
 
-    from deltakv_format.operations import atomic_write
-    from deltakv_runtime.eval_rows import CODEC_ROWS, REFERENCE_ROWS
-    from deltakv_runtime.evaluate import EvalConfig, load_results, markdown_table, plot, run_eval
-    from deltakv_runtime.models import MODELS
-    from deltakv_runtime.texts import TEXTS
+    from .measure.eval_results import EVALUATION_FILES, EvaluationFolder
+    from .measure.eval_rows import CODEC_ROWS, REFERENCE_ROWS
+    from .measure.evaluate import EvalConfig, run_eval
+    from .measure.texts import TEXTS
+    from .models import MODELS
 
     if add and force:
         _fail("--add keeps the results in --out and --force replaces them: pass one of them")
     if not add:
-        for name in ("results.json", "EVAL.md", "commands.txt", "rate_distortion.png"):
+        for name in EVALUATION_FILES:
             _refuse_to_replace(out / name, force, "pass --add to add to its results or --force to replace them")
     models = models or ("smollm2", "gemma3")
     paths = {}
@@ -293,27 +292,10 @@ def eval_(models, texts, prefixes, continuation, chunks, out, rows, add, force):
     if rows:
         config.codec_rows = [r for r in CODEC_ROWS if r[0] in rows]
         config.reference_rows = [r for r in REFERENCE_ROWS if r in rows]
-    out.mkdir(parents=True, exist_ok=True)
-    earlier = load_results(out / "results.json") if add and (out / "results.json").exists() else []
-
-    def key(r):
-        return r.model, r.text, r.prefix, r.chunk, r.row
-
-    def save_results(results):  # after every run: a long evaluation keeps what it measured
-        new = {key(r) for r in results}
-        merged = [r for r in earlier if key(r) not in new] + results
-        atomic_write(out / "results.json", [json_.dumps([dataclasses.asdict(r) for r in merged], indent=1).encode()])
-        return merged
-
-    results = save_results(run_eval(config, log=lambda m: click.echo(m, err=True), on_run=save_results))
-    table = markdown_table(results)
+    folder = EvaluationFolder(out, keep_earlier=add)
+    results = run_eval(config, log=lambda m: click.echo(m, err=True), on_run=folder.save)
     command = f"{datetime.date.today()}: " + shlex.join(["deltakv", "eval", *sys.argv[2:]])
-    commands = (out / "commands.txt").read_text().splitlines() if add and (out / "commands.txt").exists() else []
-    (out / "commands.txt").write_text("\n".join(commands + [command]) + "\n")
-    measured = "\n".join(f"    {c}" for c in commands + [command])
-    (out / "EVAL.md").write_text(f"Measured with\n\n{measured}\n\n{table}\n")
-    plot(results, out / "rate_distortion.png")
-    click.echo(table)
+    click.echo(folder.record(results, command))
 
 
 if __name__ == "__main__":

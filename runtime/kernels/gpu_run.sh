@@ -2,7 +2,7 @@
 # The whole GPU run in one go, on a machine with an NVIDIA GPU and nvcc:
 #   1. build the kernel library (nvcc, sm_90 by default: ARCHS="80 90" for both),
 #   2. parity: tests/test_gpu.py (bit-exact with the Numba codecs: golden vectors, random data, fixtures),
-#   3. benchmark: runtime/kernels/bench_gpu.py (decode/encode GB/s next to a D2D copy, 1 tensor .. a 128k session),
+#   3. benchmark: tools/measure/bench_gpu.py (decode/encode GB/s next to a D2D copy, 1 tensor .. a 128k session),
 #   4. a Nsight Compute profile of one dkv-q4 decode launch (when ncu works here).
 # Everything goes to $OUT (default runtime/build/gpu_run, git-ignored): build.log, test_gpu.log, bench.md, ncu_decode.txt, GPU_RESULTS.md.
 #
@@ -16,7 +16,9 @@ mkdir -p "$OUT"
 cd "$root"
 export PYTHONUNBUFFERED=1 DELTAKV_GPU_BACKEND=cuda
 pp="$(mktemp -d)"
+# The import names of the folders, for a machine where deltakv is not pip-installed.
 ln -s "$root/runtime" "$pp/deltakv_runtime"
+ln -s "$root/tools" "$pp/deltakv_tools"
 export PYTHONPATH="$root:$pp${PYTHONPATH:+:$PYTHONPATH}"
 t0=$(date +%s)
 stamp() { echo "== $(date -u +%H:%M:%S) (+$(( $(date +%s) - t0 )) s) $*"; }
@@ -45,7 +47,7 @@ timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py 2>&1 
 test_rc=${PIPESTATUS[0]}
 
 stamp "benchmark"
-timeout 200 python3 "$here/bench_gpu.py" --vpl16 "${alt[@]}" --out "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
+timeout 200 python3 -m deltakv_tools.measure.bench_gpu --vpl16 "${alt[@]}" --out "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 stamp "profile (ncu)"
@@ -54,7 +56,7 @@ if [ -n "$NCU" ]; then
   timeout 100 "$NCU" --clock-control none --kernel-name regex:k_decode_delta --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats \
-    python3 "$here/bench_gpu.py" --profile-one > "$OUT/ncu_decode.txt" 2>&1
+    python3 -m deltakv_tools.measure.bench_gpu --profile-one > "$OUT/ncu_decode.txt" 2>&1
   echo "ncu rc=$?" >> "$OUT/ncu_decode.txt"
   grep -E "Executed Instructions|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issue Slots Busy|Issued Ipc|No Eligible|L1/TEX Hit|L2 Hit|Warp Cycles Per Issued|Theoretical Occupancy|Block Limit Registers|Stall" "$OUT/ncu_decode.txt" | head -40
 else

@@ -11,8 +11,9 @@ import numpy as np
 
 from deltakv_format.constants import DEFAULT_CODEC
 
-from .models import smollm2
-from .session import load, save, seq_state_bytes
+from deltakv_runtime.session import load, save, seq_state_bytes
+
+from ..models import smollm2
 from .texts import prose
 
 
@@ -38,7 +39,7 @@ def run_demo(*, prompt_tokens: int = 2000, continue_tokens: int = 32, codec: str
     path = out_dir / "demo.dkv"
     n_ctx = prompt_tokens + continue_tokens + 64
 
-    log(f"model: {model.name}; prompt: the first {prompt_tokens} tokens of the GPL-3 text shipped in runtime/data")
+    log(f"model: {model.name}; prompt: the first {prompt_tokens} tokens of the GPL-3 text shipped in tools/measure/data")
     llm = Llama(str(model), n_ctx=n_ctx, flash_attn=True, verbose=False)
     tokens = llm.tokenize(prose().encode())[:prompt_tokens]
     t = time.perf_counter()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from deltakv_format.constants import DEFAULT_CODEC
 
-from .models import smollm2
-from .session import extend, load, save
+from deltakv_runtime.session import extend, load, save
+
+from ..models import smollm2
 from .texts import code, prose
 
 

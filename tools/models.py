@@ -1,4 +1,8 @@
-"""Find the models that PyPI packages ship (no hub downloads)."""
+"""Find the models that PyPI packages ship (no hub downloads).
+
+The evaluation, the demo, the benchmarks, the tests and the fuzz harness run on these models; the runtime
+itself never looks for a model (it is given a live ``Llama``), so this lives with the tools.
+"""
 
 from __future__ import annotations
 

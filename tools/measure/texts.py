@@ -1,4 +1,4 @@
-"""The texts shipped with deltakv for the demo and the evaluation (runtime/data/README.md says what they are)."""
+"""The texts shipped with deltakv for the demo and the evaluation (data/README.md next to this module says what they are)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def _data_dir() -> Path:
-    return Path(str(resources.files("deltakv_runtime").joinpath("data")))
+    return Path(str(resources.files("deltakv_tools.measure").joinpath("data")))
 
 
 def prose() -> str:

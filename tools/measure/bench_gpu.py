@@ -11,7 +11,7 @@ cudaMemcpy device-to-device copy of the decoded size (that copy reads and writes
 are CUDA-event medians of several calls after a warm-up. Output: a markdown table (stdout and
 --out FILE) with the date and the GPU name.
 
-    PYTHONPATH=... python runtime/kernels/bench_gpu.py --out results.md [--sizes 1,2,16,64]
+    python -m deltakv_tools.measure.bench_gpu --out results.md [--sizes 1,2,16,64]
 """
 
 from __future__ import annotations

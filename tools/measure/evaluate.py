@@ -27,7 +27,7 @@ from deltakv_format.session import write_session
 from deltakv_format.state_model import Framing, KVCacheSection, KVTensor
 
 from .eval_rows import CODEC_ROWS, REFERENCE_ROWS
-from .session import seq_state_bytes, set_seq_state_bytes
+from deltakv_runtime.session import seq_state_bytes, set_seq_state_bytes
 
 NOISE_FRACTION = 0.0025  # a quarter percent of the values move by one f16 step
 
