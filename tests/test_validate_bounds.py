@@ -89,7 +89,7 @@ def test_payload_damaged_after_its_checksum_was_recomputed_is_caught(codec_id, t
 def test_no_false_alarm_on_a_real_2000_token_session(tmp_path):
     """The report of issue 11: 8 false problems for dkv-q4 and 35 for delta-q4_0 on this session."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from deltakv_runtime.models import smollm2
+    from deltakv_tools.models import smollm2
 
     root = Path(__file__).resolve().parent.parent
     llm = llama_cpp.Llama(str(smollm2()), n_ctx=4096, flash_attn=True, verbose=False)
