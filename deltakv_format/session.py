@@ -9,6 +9,7 @@ partial keyframe chunk).
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 from .codecs import Codec, codec_for_track, get_codec
 from .constants import FLOAT_TYPES, GGML_BLOCK_SIZES, GGMLType, GGUFValueType
 from .container import DkvFile, TensorData, append_container, base_kvs, element_view_dtype, write_container
+from .container import write_container_to
 from .errors import CorruptError, DeltaKVError, SessionMismatchError
 from .gguf_io import KeyValue
 from .state_model import (
@@ -228,11 +230,15 @@ def _session_kvs(state: LlamaState, codec: Codec, tracks: list[Track], seg_first
     return kvs
 
 
-def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progress=None, *,
+def write_session(state: LlamaState, path=None, codec: Codec | str = "dkv-q4", progress=None, *,
                   k_codec: Codec | str | None = None, v_codec: Codec | str | None = None,
                   extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = (),
-                  track_codecs: list[Codec] | None = None) -> "DkvSession":
+                  track_codecs: list[Codec] | None = None, to=None) -> "DkvSession | None":
     """Store ``state`` as a new .dkv at ``path`` (atomically) and return it opened.
+
+    With ``to=`` a writable binary stream in place of ``path``, the same bytes go to that stream,
+    front to back (:func:`container.write_container_to`), and None is returned: there is no file
+    to open. :func:`session_bytes` gives them as bytes.
 
     ``k_codec`` / ``v_codec`` override ``codec`` for the K or the V tracks (every track records its
     own codec, ``deltakv.track.codec`` in SPEC.md section 3; later appends keep it). K matters more to
@@ -241,6 +247,9 @@ def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progre
     ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
     ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
     """
+    if (path is None) == (to is None):
+        raise TypeError(f"write_session: expected a path or to= a binary stream, found "
+                        f"{'both' if to is not None else 'neither'}")
     codec = get_codec(codec) if isinstance(codec, str) else codec
     codec_of_role = {role: get_codec(c) if isinstance(c, str) else (c or codec)
                      for role, c in (("k", k_codec), ("v", v_codec))}
@@ -268,25 +277,45 @@ def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progre
                 progress(track.name)
     cells = [s.cell_count for _, s in streams]
     kvs = _session_kvs(state, codec, tracks, [0] * len(streams), cells, [0], [n_tokens], cells) + list(extra_kvs)
+    if to is not None:
+        write_container_to(to, kvs, builder.tensors + list(extra_tensors))
+        return None
     write_container(path, kvs, builder.tensors + list(extra_tensors))
     return DkvSession(path)
+
+
+def session_bytes(state: LlamaState, codec: Codec | str = "dkv-q4", **options) -> bytes:
+    """The .dkv that ``write_session(state, path, codec, **options)`` writes, as bytes (for a
+    store, a socket or a cache in memory); ``options`` are write_session's keyword arguments."""
+    stream = io.BytesIO()
+    write_session(state, codec=codec, to=stream, **options)
+    return stream.getvalue()  # no copy: BytesIO hands over its buffer when nothing else holds it
 
 
 class DkvSession:
     """An opened .dkv session: metadata, tracks, decoding and rebuilding the llama.cpp state."""
 
     def __init__(self, path, *, verify_checksums: bool = True):
-        self.file = DkvFile(path, verify_checksums=verify_checksums)
+        """``path``: a .dkv file, or a :class:`DkvFile` already open (which the session then owns)."""
+        opened = isinstance(path, DkvFile)
+        self.file = path if opened else DkvFile(path, verify_checksums=verify_checksums)
+        where = path.name if opened else str(path)
         try:
             self._load()
         except DeltaKVError as e:
             self.file.close()
-            if e.path is None:
-                raise type(e)(e.bare_message, offset=e.offset, path=str(path)) from e
+            if e.path is None and where is not None:
+                raise type(e)(e.bare_message, offset=e.offset, path=where) from e
             raise
         except (KeyError, ValueError, TypeError, IndexError) as e:
             self.file.close()
-            raise CorruptError(f"inconsistent session metadata ({type(e).__name__}: {e})", path=str(path)) from e
+            raise CorruptError(f"inconsistent session metadata ({type(e).__name__}: {e})", path=where) from e
+
+    @classmethod
+    def from_buffer(cls, buffer, *, verify_checksums: bool = True, name: str | None = None) -> "DkvSession":
+        """A session held in memory (bytes, memoryview, mmap): read-only and zero-copy, with the
+        checks of a file (:meth:`DkvFile.from_buffer`); ``name`` is for error messages."""
+        return cls(DkvFile.from_buffer(buffer, verify_checksums=verify_checksums, name=name))
 
     @property
     def path(self) -> Path:
