@@ -14,6 +14,7 @@ journal's header in place of the file's and leaves both alone.
 from __future__ import annotations
 
 import contextlib
+import io
 import mmap
 import os
 import struct
@@ -280,6 +281,49 @@ def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progre
     return file_size
 
 
+def _write_all(stream, data) -> None:
+    """``stream.write(data)`` until every byte is taken: a raw stream (a socket, a pipe opened
+    unbuffered) may take fewer bytes than it is given."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = stream.write(view)
+        if n is None:
+            if isinstance(stream, io.RawIOBase):  # io's word for "would block"
+                raise DeltaKVError(f"the stream took none of {len(view)} bytes: expected a blocking binary "
+                                   f"stream, found a non-blocking {type(stream).__name__}")
+            return  # a file-like object that returns nothing from write takes everything
+        view = view[n:]
+
+
+def write_container_to(stream, kvs: list[KeyValue], tensors: list[TensorData], progress=None) -> int:
+    """Write a complete .dkv to a writable binary ``stream``, front to back; returns its size.
+
+    The bytes are those :func:`write_container` puts in a file. They are written in order without
+    seeking (write_container fills the tensor checksums in after the data; here they are computed
+    first, from the tensors in memory), so a pipe, a socket or an upload will do. Nothing here is
+    atomic: whoever reads the stream sees the bytes as they come (a store makes them appear at once).
+    """
+    infos = layout_tensors(tensors)
+    crcs = []
+    for t, info in zip(tensors, infos):
+        raw = _as_bytes(t.data)
+        if len(raw) != info.nbytes:
+            raise DeltaKVError(f"tensor {t.name!r}: {len(raw)} bytes given, its shape and type need {info.nbytes}")
+        crcs.append(crc32c(raw))
+    header = build_header(kvs, infos, crcs, None)  # its size does not depend on the checksums' values
+    _write_all(stream, header)
+    data_start = pos = len(header)
+    for t, info in zip(tensors, infos):
+        target = data_start + info.offset
+        if target > pos:
+            _write_all(stream, b"\0" * (target - pos))
+        _write_all(stream, _as_bytes(t.data))
+        pos = target + info.nbytes
+        if progress is not None:
+            progress(info.nbytes)
+    return pos
+
+
 # ---- reading --------------------------------------------------------------------------
 
 
@@ -448,6 +492,56 @@ class DkvFile:
             reader.close()  # a new file was renamed over the path meanwhile: lock that one
             lock.close()
 
+    @classmethod
+    def from_buffer(cls, buffer, *, verify_checksums: bool = True, name: str | None = None) -> "DkvFile":
+        """A .dkv held in memory: bytes, bytearray, memoryview, mmap or any C-contiguous buffer.
+
+        The same checks and checksums as opening a file, zero-copy: tensors are read-only numpy
+        views into ``buffer``, which must not change while they live (they keep it alive). There
+        is no journal handling: a journal belongs to a file on disk, and a buffer is one snapshot
+        taken whole. ``name`` says in error messages where the bytes came from.
+        """
+        try:
+            view = memoryview(buffer)
+        except TypeError as e:
+            raise TypeError(f"DkvFile.from_buffer: expected a bytes-like object (bytes, memoryview, mmap), "
+                            f"found {type(buffer).__name__}") from e
+        if not view.c_contiguous:
+            raise DeltaKVError(f"DkvFile.from_buffer: expected a contiguous buffer, found a strided "
+                               f"{view.ndim}-D view of shape {view.shape}", path=name)
+        self = cls.__new__(cls)
+        self.path = None
+        self._buffer_name = name
+        self.verify_checksums = verify_checksums
+        self._verified = set()
+        self._file = None
+        self._lock_file = None
+        self.locked = False  # a buffer is never appended to
+        self._buf = view.cast("B").toreadonly()
+        # Tensor views are taken from this array, which holds a view of the buffer that nobody
+        # releases: numpy keeps no export on a memoryview it is given, so views taken from one
+        # that its owner releases (a store's reader does) would point into freed memory.
+        self._map = np.frombuffer(view.cast("B").toreadonly(), dtype=np.uint8)
+        self.file_size = len(self._buf)
+        try:
+            if self.file_size < 24:
+                raise TruncatedError(f"buffer is {self.file_size} bytes; a GGUF header needs at least 24")
+            self.header = self._parse(self._buf, verify_checksums)
+        except DeltaKVError as e:
+            self.close()
+            if e.path is None and name is not None:
+                raise type(e)(e.bare_message, offset=e.offset, path=name) from e
+            raise
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @property
+    def name(self) -> str | None:
+        """Where the bytes come from, for messages: the path, or the name given to from_buffer."""
+        return str(self.path) if self.path is not None else getattr(self, "_buffer_name", None)
+
     # -- structure checks ---------------------------------------------------------------
 
     def _parse(self, header_buf, verify_checksums: bool) -> GGUFHeader:
@@ -521,7 +615,7 @@ class DkvFile:
         if crc != self._tensor_crc[name]:
             raise ChecksumError(
                 f"tensor {name!r}: checksum mismatch, stored {self._tensor_crc[name]:#010x}, computed {crc:#010x}",
-                offset=start, path=str(self.path),
+                offset=start, path=self.name,
             )
         self._verified.add(name)
 
@@ -535,7 +629,7 @@ class DkvFile:
         kv = self.header.kvs.get(key)
         if kv is None:
             if default is ...:
-                raise CorruptError(f"missing key {key!r}", path=str(self.path))
+                raise CorruptError(f"missing key {key!r}", path=self.name)
             return default
         return kv.value
 
@@ -551,7 +645,7 @@ class DkvFile:
         """
         info = self.tensor_infos.get(name)
         if info is None:
-            raise CorruptError(f"missing tensor {name!r}", path=str(self.path))
+            raise CorruptError(f"missing tensor {name!r}", path=self.name)
         if (self.verify_checksums if verify is None else verify) and name not in self._verified:
             self.verify_tensor(name)
         start = self.data_start + info.offset
@@ -570,7 +664,8 @@ class DkvFile:
         m = getattr(self, "_map", None)
         if m is not None:
             try:
-                m.close()
+                if isinstance(m, mmap.mmap):  # (from_buffer's buffer is its owner's to close)
+                    m.close()
             except BufferError:
                 pass  # numpy views still alive; the map closes when they go
             self._map = None

@@ -43,17 +43,27 @@ class DkvSession:
     """
 
     def __init__(self, path, *, verify_checksums: bool = True, _file: DkvFile | None = None):
+        """``path``: a .dkv file, or a :class:`DkvFile` already open (which the session then owns)."""
+        if isinstance(path, DkvFile):
+            _file = path
         self.file = _file if _file is not None else DkvFile(path, verify_checksums=verify_checksums)
+        where = self.file.name if isinstance(path, DkvFile) else str(path)
         try:
             self._load()
         except DeltaKVError as e:
             self.file.close()
-            if e.path is None:
-                raise type(e)(e.bare_message, offset=e.offset, path=str(path)) from e
+            if e.path is None and where is not None:
+                raise type(e)(e.bare_message, offset=e.offset, path=where) from e
             raise
         except (KeyError, ValueError, TypeError, IndexError) as e:
             self.file.close()
-            raise CorruptError(f"inconsistent session metadata ({type(e).__name__}: {e})", path=str(path)) from e
+            raise CorruptError(f"inconsistent session metadata ({type(e).__name__}: {e})", path=where) from e
+
+    @classmethod
+    def from_buffer(cls, buffer, *, verify_checksums: bool = True, name: str | None = None) -> "DkvSession":
+        """A session held in memory (bytes, memoryview, mmap): read-only and zero-copy, with the
+        checks of a file (:meth:`DkvFile.from_buffer`); ``name`` is for error messages."""
+        return cls(DkvFile.from_buffer(buffer, verify_checksums=verify_checksums, name=name))
 
     @classmethod
     def open_for_append(cls, path, *, verify_checksums: bool = True) -> "DkvSession":

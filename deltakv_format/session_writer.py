@@ -7,6 +7,7 @@ atomic write. It returns a :class:`WrittenSession`: what was written, without re
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from .codecs import Codec, codec_for_track, get_codec
 from .constants import GGMLType
-from .container import TensorData, base_kvs, write_container
+from .container import TensorData, base_kvs, write_container, write_container_to
 from .errors import CorruptError
 from .gguf_io import KeyValue
 from .session_reader import DkvSession
@@ -161,12 +162,16 @@ class WrittenSession:
         self.close()
 
 
-def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progress=None, *,
+def write_session(state: LlamaState, path=None, codec: Codec | str = "dkv-q4", progress=None, *,
                   k_codec: Codec | str | None = None, v_codec: Codec | str | None = None,
                   extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = (),
-                  track_codecs: list[Codec] | None = None) -> WrittenSession:
+                  track_codecs: list[Codec] | None = None, to=None) -> WrittenSession | None:
     """Store ``state`` as a new .dkv at ``path`` (atomically); returns what was written
     (:meth:`WrittenSession.open` reads it back).
+
+    With ``to=`` a writable binary stream in place of ``path``, the same bytes go to that stream,
+    front to back (:func:`container.write_container_to`), and None is returned: there is no file
+    to open. :func:`session_bytes` gives them as bytes.
 
     ``k_codec`` / ``v_codec`` override ``codec`` for the K or the V tracks (every track records its
     own codec, ``deltakv.track.codec`` in SPEC.md section 3; later appends keep it). K matters more to
@@ -175,6 +180,9 @@ def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progre
     ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
     ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
     """
+    if (path is None) == (to is None):
+        raise TypeError(f"write_session: expected a path or to= a binary stream, found "
+                        f"{'both' if to is not None else 'neither'}")
     codec = get_codec(codec) if isinstance(codec, str) else codec
     codec_of_role = {role: get_codec(c) if isinstance(c, str) else (c or codec)
                      for role, c in zip(ROLES, (k_codec, v_codec))}
@@ -201,5 +209,16 @@ def write_session(state: LlamaState, path, codec: Codec | str = "dkv-q4", progre
     cells = [s.cell_count for _, s in streams]
     kvs = session_kvs(state, codec.name, tracks, [0] * len(streams), cells, [0], [n_tokens], cells) + list(extra_kvs)
     written = tensors.tensors + list(extra_tensors)
+    if to is not None:
+        write_container_to(to, kvs, written)
+        return None
     file_size = write_container(path, kvs, written)
     return WrittenSession(Path(path), codec.name, tracks, cells, {t.name: t.nbytes() for t in written}, file_size)
+
+
+def session_bytes(state: LlamaState, codec: Codec | str = "dkv-q4", **options) -> bytes:
+    """The .dkv that ``write_session(state, path, codec, **options)`` writes, as bytes (for a
+    store, a socket or a cache in memory); ``options`` are write_session's keyword arguments."""
+    stream = io.BytesIO()
+    write_session(state, codec=codec, to=stream, **options)
+    return stream.getvalue()

@@ -6,7 +6,13 @@ Works as llama-cpp-python's own LlamaRAMCache / LlamaDiskCache do (longest-prefi
 least-recently-used eviction by bytes), but each entry is a .dkv file: the whole llama.cpp state
 compressed by a codec, the token ids, and only the last row of logits (llama-cpp-python replays
 the last token after a cache load, so no more is needed) instead of n_tokens x n_vocab floats.
-Entries survive a restart: the folder is the cache.
+Entries survive a restart: the folder (or the store, ``store=``) is the cache.
+
+Three parts, one concern each: the store keeps the bytes of the entries under their names
+(``deltakv_format.stores``: a local folder today, any :class:`SessionStore`), an
+:class:`LruByBytes` over it evicts least recently used entries down to the capacity, and this
+module is the llama-cpp-python adapter: fingerprints, and llama-cpp-python states to and from
+sessions.
 
 Several models (or one model with several KV types) may share a folder. Token ids alone do not
 say which context a state belongs to, and llama-cpp-python calls the cache outside its own error
@@ -24,9 +30,7 @@ import os
 import re
 import threading
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import llama_cpp
 import numpy as np
@@ -40,8 +44,9 @@ from deltakv_format.container import TensorData
 from deltakv_format.errors import CorruptError, DeltaKVError, TruncatedError
 from deltakv_format.gguf_io import KeyValue
 from deltakv_format.llama_state import parse_state, write_state
-from deltakv_format.session import DkvSession, write_session
+from deltakv_format.session import DkvSession, session_bytes
 from deltakv_format.state_model import Framing, LlamaState
+from deltakv_format.stores import EntryNotFoundError, LocalDirectoryStore, LruByBytes, SessionStore, entry_in_use
 
 from .session import model_desc
 
@@ -54,8 +59,7 @@ TENSOR_KEY = "runtime.key"  # the tokens the entry was stored under (llama-cpp-p
 TENSOR_LAST_LOGITS = "runtime.last_logits"
 
 # Entries are named by a digest of their fingerprint and key. Other .dkv files in the folder are
-# not the cache's: it neither opens them (opening replays an append's journal, and another
-# program may be appending) nor deletes them.
+# not the cache's: it neither reads them (another program may be appending to them) nor deletes them.
 ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.dkv")
 
 BROKEN = (CorruptError, TruncatedError)  # a file no reader can use (other errors: gone, a newer version, ...)
@@ -250,39 +254,9 @@ def _entry_name(fp: Fingerprint, key: tuple[int, ...]) -> str:
     return h.hexdigest()[:32] + ".dkv"
 
 
-# ---- files in use ------------------------------------------------------------------------
-
-# Entries being read in this process, by path: eviction and clean-up leave them alone. (Another
-# process may delete a file this one reads: the open memory map keeps its bytes until closed.)
-_READING: Counter[str] = Counter()
-_READING_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _reading(path: Path):
-    with _READING_LOCK:
-        _READING[str(path)] += 1
-    try:
-        yield
-    finally:
-        with _READING_LOCK:
-            _READING[str(path)] -= 1
-            if not _READING[str(path)]:
-                del _READING[str(path)]
-
-
-def _unlink_unless_read(path: Path) -> bool:
-    """Delete ``path`` unless this process is reading it; True if it is gone."""
-    with _READING_LOCK:
-        if _READING[str(path)]:
-            return False
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError:
-            return False
-    return True
+# ``with _reading(path):`` marks the entry file ``path`` of a local store as being read by this
+# process: no cache evicts or deletes it meanwhile (the registry is the stores' own).
+_reading = entry_in_use
 
 
 # ---- the cache ---------------------------------------------------------------------------
@@ -290,7 +264,7 @@ def _unlink_unless_read(path: Path) -> bool:
 
 @dataclass
 class _Entry:
-    path: Path
+    name: str
     key: tuple[int, ...]
     fingerprint: Fingerprint
     n_tokens: int
@@ -318,13 +292,18 @@ class _Learned:
 class DeltaKVCache(BaseLlamaCache):
     """A llama-cpp-python prompt cache of .dkv files in ``directory``, at most ``capacity_bytes`` on disk.
 
+    ``store=`` in place of ``directory`` keeps the entries in any
+    :class:`~deltakv_format.stores.SessionStore` (``DeltaKVCache(directory)`` is
+    ``DeltaKVCache(store=LocalDirectoryStore(directory))``); "folder" below means the store.
+
     Pass ``llm=``, the Llama the cache is set on. An entry is served only to a context with the
     fingerprint of the one that stored it: the model (llama_model_desc, n_vocab, n_embd and a
     digest of its parameters, metadata, pieces of its file and its LoRA), the llama.cpp build,
     the KV types (type_k, type_v), the V layout (flash attention or not), n_ctx, n_seq_max,
     kv_unified, swa_full and n_ubatch. Entries of other contexts stay in the folder (another
     model may use them) and count towards the capacity; eviction is least recently used first,
-    by bytes, over the whole folder, the file's modification time being the shared clock.
+    by bytes, over the whole folder, the store's last-use time (a file's modification time) being
+    the shared clock.
 
     Without ``llm=`` the cache cannot know which context asks (llama-cpp-python gives a cache
     only tokens), so it learns the context from the states stored into it: their structure
@@ -344,19 +323,25 @@ class DeltaKVCache(BaseLlamaCache):
     Broken entries are deleted. Only files named like the cache's entries are looked at.
     """
 
-    def __init__(self, directory, capacity_bytes: int = 2 << 30, codec: str = DEFAULT_CODEC, *,
-                 k_codec: str | None = None, v_codec: str | None = None, llm: Llama | None = None):
+    def __init__(self, directory=None, capacity_bytes: int = 2 << 30, codec: str = DEFAULT_CODEC, *,
+                 k_codec: str | None = None, v_codec: str | None = None, llm: Llama | None = None,
+                 store: SessionStore | None = None):
         """``codec`` codes the cached states; ``k_codec`` / ``v_codec`` give K or V another one
         (``k_codec="q8_0"``: q8_0-level quality at 0.42 of f16, eval/EVAL.md)."""
         super().__init__(capacity_bytes)
-        self.directory = Path(directory).expanduser().resolve()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if (directory is None) == (store is None):
+            raise TypeError(f"DeltaKVCache: expected a directory or store=, found "
+                            f"{'both' if store is not None else 'neither'}")
+        self.store = LocalDirectoryStore(directory) if store is None else store
+        # The folder, for a local store (callers of earlier versions read it).
+        self.directory = self.store.directory if isinstance(self.store, LocalDirectoryStore) else None
+        self._lru = LruByBytes(self.store, owns=ENTRY_NAME.fullmatch)
         self.codec = get_codec(codec)
         self.k_codec = get_codec(k_codec) if k_codec else None
         self.v_codec = get_codec(v_codec) if v_codec else None
         self._lock = threading.RLock()
-        self._entries: dict[str, _Entry] = {}  # by file name
-        self._rejected: dict[str, tuple[int, int]] = {}  # file name -> (size, mtime) of a file not to serve
+        self._entries: dict[str, _Entry] = {}  # by entry name
+        self._rejected: dict[str, tuple[int, int]] = {}  # entry name -> (size, last use) of an entry not to serve
         self._learned = _Learned()
         if llm is not None:
             self._fingerprint: Fingerprint | None = context_fingerprint(llm)
@@ -375,34 +360,28 @@ class DeltaKVCache(BaseLlamaCache):
     # -- index ---------------------------------------------------------------------------
 
     def _refresh(self) -> None:
-        """Bring the index up to date with the folder (other caches and processes write to it)."""
-        try:
-            found = {e.name: e for e in os.scandir(self.directory) if ENTRY_NAME.fullmatch(e.name)}
-        except FileNotFoundError:
-            found = {}
+        """Bring the index up to date with the store (other caches and processes write to it)."""
+        found = {info.name: info for info in self._lru.entries()}
         for name in [n for n in self._entries if n not in found]:
             del self._entries[name]
         for name in [n for n in self._rejected if n not in found]:
             del self._rejected[name]
-        for name, dirent in found.items():
+        for name, info in found.items():
             if name in self._entries:
                 continue
-            try:
-                st = dirent.stat()
-            except FileNotFoundError:
+            if self._rejected.get(name) == (info.size, info.last_used_ns):
                 continue
-            if self._rejected.get(name) == (st.st_size, st.st_mtime_ns):
-                continue
-            entry = self._index(Path(dirent.path))
+            entry = self._index(name)
             if entry is None:
-                self._rejected[name] = (st.st_size, st.st_mtime_ns)
+                self._rejected[name] = (info.size, info.last_used_ns)
             else:
                 self._entries[name] = entry
 
-    def _index(self, path: Path) -> _Entry | None:
-        """Read an entry's header (not its payloads); None for a file that is not a usable entry."""
+    def _index(self, name: str) -> _Entry | None:
+        """Read an entry's header (not its payloads); None for an entry that is not usable."""
         try:
-            with _reading(path), DkvSession(path) as s:
+            with (self._lru.reading(name), self.store.get(name) as data,
+                  DkvSession.from_buffer(data, name=self.store.locate(name)) as s):
                 # Entries of earlier versions have no key tensor (nor a fingerprint: never served).
                 key_tensor = TENSOR_KEY if s.file.has_tensor(TENSOR_KEY) else TENSOR_INPUT_IDS
                 key = tuple(int(t) for t in s.file.tensor(key_tensor)) if s.file.has_tensor(key_tensor) else ()
@@ -410,10 +389,10 @@ class DeltaKVCache(BaseLlamaCache):
                 cells = {}
                 for section, count in zip(s.stream_section, s.stream_cells):
                     cells[section] = max(cells.get(section, 0), count)
-                return _Entry(path, key, _file_fingerprint(s), n_tokens, tuple(cells[k] for k in sorted(cells)))
+                return _Entry(name, key, _file_fingerprint(s), n_tokens, tuple(cells[k] for k in sorted(cells)))
         except BROKEN as e:  # checksum, truncation, broken structure: broken for every reader
-            self._warn(path, str(e))
-            _unlink_unless_read(path)
+            self._warn(name, str(e))
+            self._lru.delete_unless_in_use(name)
             return None
         except (DeltaKVError, OSError):
             return None  # gone meanwhile, or a format version this reader does not know: not ours to judge
@@ -453,7 +432,7 @@ class DeltaKVCache(BaseLlamaCache):
     @property
     def cache_size(self) -> int:
         """Bytes of every entry in the folder, whichever context stored it."""
-        return sum(size for _, size, _ in self._entry_files())
+        return self._lru.total_bytes()
 
     def _find_longest_prefix_key(self, key: tuple[int, ...]) -> tuple[int, ...] | None:
         with self._lock:
@@ -473,47 +452,53 @@ class DeltaKVCache(BaseLlamaCache):
                 raise KeyError("no cached state of this context shares a prefix with these tokens")
             try:
                 state = self._read(entry)
-            except FileNotFoundError:  # another cache on the folder evicted it since the listing
-                self._entries.pop(entry.path.name, None)
-                raise KeyError(f"cached state {entry.path} was removed meanwhile") from None
+            except EntryNotFoundError:  # another cache on the store evicted it since the listing
+                self._entries.pop(entry.name, None)
+                raise KeyError(f"cached state {self.store.locate(entry.name)} was removed meanwhile") from None
             except _Unusable as e:
                 self._drop(entry, str(e), e.delete)
-                raise KeyError(f"cached state {entry.path} cannot be used: {e}") from e
-            try:
-                os.utime(entry.path)  # the shared least-recently-used clock
-            except OSError:
-                pass
+                raise KeyError(f"cached state {self.store.locate(entry.name)} cannot be used: {e}") from e
+            self._lru.touch(entry.name)  # the shared least-recently-used clock
             return state
 
-    def _read(self, entry: _Entry) -> LlamaCppState:
-        path = entry.path
-        with _reading(path):
+    @contextlib.contextmanager
+    def _opened(self, name: str):
+        """The entry as a session over the store's bytes; _Unusable if it does not open as one."""
+        try:
+            data = self.store.get(name)
+        except EntryNotFoundError:
+            raise
+        except (DeltaKVError, OSError) as e:  # the store failed, not the entry
+            raise _Unusable(str(e), delete=False) from e
+        with data:
             try:
-                session = DkvSession(path)
-            except (DeltaKVError, OSError) as e:
-                if not path.exists():
-                    raise FileNotFoundError(path) from e
+                session = DkvSession.from_buffer(data, name=self.store.locate(name))
+            except DeltaKVError as e:
                 raise _Unusable(str(e), delete=isinstance(e, BROKEN)) from e
-            with session as s:
-                try:
-                    if _file_fingerprint(s) != entry.fingerprint:
-                        # Same name, so the same fingerprint unless rewritten by something else.
-                        raise _Unusable("its fingerprint changed since it was indexed", delete=False)
-                    state = s.to_llama_state()
-                    ids = np.array(s.file.tensor(TENSOR_INPUT_IDS), dtype=np.intc) if s.file.has_tensor(
-                        TENSOR_INPUT_IDS) else np.zeros(0, np.intc)
-                    last = (np.array(s.file.tensor(TENSOR_LAST_LOGITS)).view(np.float32).reshape(-1)
-                            if s.file.has_tensor(TENSOR_LAST_LOGITS) else np.zeros(0, np.float32))
-                    n_vocab = int(s.file.value(KEY_SCORES_SHAPE)[1])
-                    n_tokens = int(s.file.value(KEY_N_TOKENS))
-                    seed = int(s.file.value(KEY_SEED))
-                    blob = write_state(state)
-                except DeltaKVError as e:
-                    raise _Unusable(str(e), delete=isinstance(e, BROKEN)) from e
-                except (KeyError, ValueError, TypeError, IndexError) as e:
-                    raise _Unusable(f"inconsistent entry ({type(e).__name__}: {e})", delete=True) from e
-                except Exception as e:  # noqa: BLE001 - llama-cpp-python lets anything but KeyError end the completion
-                    raise _Unusable(f"unreadable ({type(e).__name__}: {e})", delete=False) from e
+            with session:
+                yield session
+
+    def _read(self, entry: _Entry) -> LlamaCppState:
+        with self._lru.reading(entry.name), self._opened(entry.name) as s:
+            try:
+                if _file_fingerprint(s) != entry.fingerprint:
+                    # Same name, so the same fingerprint unless rewritten by something else.
+                    raise _Unusable("its fingerprint changed since it was indexed", delete=False)
+                state = s.to_llama_state()
+                ids = np.array(s.file.tensor(TENSOR_INPUT_IDS), dtype=np.intc) if s.file.has_tensor(
+                    TENSOR_INPUT_IDS) else np.zeros(0, np.intc)
+                last = (np.array(s.file.tensor(TENSOR_LAST_LOGITS)).view(np.float32).reshape(-1)
+                        if s.file.has_tensor(TENSOR_LAST_LOGITS) else np.zeros(0, np.float32))
+                n_vocab = int(s.file.value(KEY_SCORES_SHAPE)[1])
+                n_tokens = int(s.file.value(KEY_N_TOKENS))
+                seed = int(s.file.value(KEY_SEED))
+                blob = write_state(state)
+            except DeltaKVError as e:
+                raise _Unusable(str(e), delete=isinstance(e, BROKEN)) from e
+            except (KeyError, ValueError, TypeError, IndexError) as e:
+                raise _Unusable(f"inconsistent entry ({type(e).__name__}: {e})", delete=True) from e
+            except Exception as e:  # noqa: BLE001 - llama-cpp-python lets anything but KeyError end the completion
+                raise _Unusable(f"unreadable ({type(e).__name__}: {e})", delete=False) from e
         # The fingerprint matched; now the state itself (an entry's key-values could say one thing
         # and its payloads another, and load_state would raise on every request).
         problems = shape_problems(self._fingerprint, state_shape(state), n_vocab)
@@ -539,21 +524,19 @@ class DeltaKVCache(BaseLlamaCache):
         return LlamaCppState(input_ids=input_ids, scores=scores, n_tokens=n_tokens, llama_state=blob,
                              llama_state_size=len(blob), seed=seed)
 
-    def _warn(self, path: Path, reason: str) -> None:
-        warnings.warn(f"DeltaKVCache: dropping cached state {path}: {reason}; llama.cpp evaluates the prompt instead",
-                      RuntimeWarning, stacklevel=4)
+    def _warn(self, name: str, reason: str) -> None:
+        warnings.warn(f"DeltaKVCache: dropping cached state {self.store.locate(name)}: {reason}; "
+                      "llama.cpp evaluates the prompt instead", RuntimeWarning, stacklevel=4)
 
     def _drop(self, entry: _Entry, reason: str, delete: bool) -> None:
-        """Take an unusable entry out of the index, once; delete its file if it is broken for every reader."""
-        self._entries.pop(entry.path.name, None)
-        self._warn(entry.path, reason)
-        if delete and _unlink_unless_read(entry.path):
+        """Take an unusable entry out of the index, once; delete it if it is broken for every reader."""
+        self._entries.pop(entry.name, None)
+        self._warn(entry.name, reason)
+        if delete and self._lru.delete_unless_in_use(entry.name):
             return
-        try:
-            st = entry.path.stat()
-            self._rejected[entry.path.name] = (st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            pass
+        info = self._lru.info(entry.name)
+        if info is not None:
+            self._rejected[entry.name] = (info.size, info.last_used_ns)
 
     def __setitem__(self, key, value: LlamaCppState) -> None:
         key = tuple(int(t) for t in key)
@@ -563,7 +546,7 @@ class DeltaKVCache(BaseLlamaCache):
         with self._lock:
             fp = self._fingerprint_for_store(value, shape, int(scores.shape[1]))
             last = scores[-1] if scores.shape[0] else np.zeros(0, np.float32)
-            path = self.directory / _entry_name(fp, key)
+            name = _entry_name(fp, key)
             n_tokens = int(value.n_tokens)
             extra_kvs = [
                 KeyValue(KEY_N_TOKENS, GGUFValueType.UINT64, n_tokens),
@@ -580,11 +563,12 @@ class DeltaKVCache(BaseLlamaCache):
                 TensorData(TENSOR_LAST_LOGITS, GGMLType.F32, (last.size,), np.ascontiguousarray(last, np.float32).view(np.uint32)),
             ]
             extra_tensors = [t for t in extra_tensors if t.shape[0]]  # GGUF tensors cannot be empty
-            write_session(state, path, self.codec, k_codec=self.k_codec, v_codec=self.v_codec,
-                          extra_kvs=extra_kvs, extra_tensors=extra_tensors).close()
-            self._entries[path.name] = _Entry(path, key, dict(fp), n_tokens, shape.section_cells)
-            self._rejected.pop(path.name, None)
-            self._evict(keep=path)
+            self.store.put(name, session_bytes(state, self.codec, k_codec=self.k_codec, v_codec=self.v_codec,
+                                               extra_kvs=extra_kvs, extra_tensors=extra_tensors))
+            self._entries[name] = _Entry(name, key, dict(fp), n_tokens, shape.section_cells)
+            self._rejected.pop(name, None)
+            for evicted in self._lru.evict(self.capacity_bytes, keep=name):
+                self._entries.pop(evicted, None)
 
     def _fingerprint_for_store(self, value: LlamaCppState, shape: StateShape, n_vocab: int) -> Fingerprint:
         """The fingerprint a new entry records; a bound cache refuses a state of another context,
@@ -622,34 +606,3 @@ class DeltaKVCache(BaseLlamaCache):
             else:
                 seen.append(n)
         return fp
-
-    # -- eviction ------------------------------------------------------------------------
-
-    def _entry_files(self) -> list[tuple[int, int, Path]]:
-        """(last use, bytes, path) of every entry file in the folder, any context's."""
-        out = []
-        try:
-            listing = list(os.scandir(self.directory))
-        except FileNotFoundError:
-            return out
-        for dirent in listing:
-            if ENTRY_NAME.fullmatch(dirent.name):
-                try:
-                    st = dirent.stat()
-                except FileNotFoundError:
-                    continue
-                out.append((st.st_mtime_ns, st.st_size, Path(dirent.path)))
-        return out
-
-    def _evict(self, keep: Path) -> None:
-        """Delete least recently used entries, of any context, until the folder fits the capacity
-        (never ``keep``, the entry just stored, nor a file being read)."""
-        files = self._entry_files()
-        total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total <= self.capacity_bytes:
-                break
-            if path == keep or not _unlink_unless_read(path):
-                continue
-            total -= size
-            self._entries.pop(path.name, None)

@@ -315,3 +315,69 @@ def test_eviction_is_least_recently_used_over_the_whole_folder(tmp_path, smollm2
     assert q8.cache_size <= q8.capacity_bytes
     with pytest.raises(KeyError):
         f16[prompt_for(smollm2, 40)]
+
+
+@pytest.mark.parametrize("store_kind", ["local", "memory"])
+def test_a_cache_over_a_store_hits_restarts_drops_broken_entries_and_evicts(tmp_path, smollm2, store_kind):
+    from deltakv_format.container import HEADER_CRC_VALUE_OFFSET
+    from deltakv_runtime.cache import ENTRY_NAME
+
+    from .test_stores import STORE_FACTORIES
+
+    store = STORE_FACTORIES[store_kind].open(tmp_path)
+    store.put("chat.dkv", b"another program's entry")
+    prompt, other_prompt = prompt_for(smollm2), prompt_for(smollm2, 12)[1:]
+    expected = uncached(smollm2, prompt)
+
+    def cache_entries():
+        return sorted((info for info in store.list() if ENTRY_NAME.fullmatch(info.name)), key=lambda i: i.name)
+
+    cache = counting_cache(None, smollm2, store=store)
+    assert complete(smollm2, prompt, cache) == expected
+    assert complete(smollm2, prompt, cache) == expected
+    assert (cache.hits, cache.misses) == (1, 1)
+    [entry] = cache_entries()
+    assert cache.cache_size == entry.size  # another program's entry does not count
+
+    restarted = counting_cache(None, smollm2, store=store)
+    assert complete(smollm2, prompt, restarted) == expected and (restarted.hits, restarted.misses) == (1, 0)
+
+    with store.get(entry.name) as data:
+        broken = bytearray(data)
+    broken[HEADER_CRC_VALUE_OFFSET] ^= 0x01
+    store.put(entry.name, broken)
+    with pytest.warns(RuntimeWarning, match="dropping cached state .*checksum"):
+        fresh = counting_cache(None, smollm2, store=store)
+    assert cache_entries() == []  # deleted from the store
+
+    fresh.capacity_bytes = 1  # keeps only the newest entry
+    complete(smollm2, prompt, fresh)
+    complete(smollm2, other_prompt, fresh)
+    assert len(cache_entries()) == 1
+    assert "chat.dkv" in {info.name for info in store.list()}  # not the cache's: never evicted
+    with pytest.raises(KeyError):
+        fresh[prompt]
+    hits = fresh.hits
+    assert complete(smollm2, other_prompt, fresh) == uncached(smollm2, other_prompt)
+    assert fresh.hits == hits + 1
+
+
+def test_a_cache_on_a_folder_is_a_cache_over_a_local_store_of_it(tmp_path, smollm2):
+    from deltakv_format.stores import LocalDirectoryStore
+    from deltakv_runtime import DeltaKVCache
+
+    prompt = prompt_for(smollm2, 8)
+    smollm2.reset()
+    smollm2.eval(prompt)
+    state = smollm2.save_state()
+    by_folder = DeltaKVCache(tmp_path / "folder", codec="raw", llm=smollm2)
+    by_store = DeltaKVCache(store=LocalDirectoryStore(tmp_path / "store"), codec="raw", llm=smollm2)
+    by_folder[prompt] = state
+    by_store[prompt] = state
+    assert by_folder.directory == (tmp_path / "folder").resolve() and by_store.directory == (tmp_path / "store").resolve()
+    [a], [b] = entries(tmp_path / "folder"), entries(tmp_path / "store")
+    assert a.name == b.name and a.read_bytes() == b.read_bytes()
+    with pytest.raises(TypeError, match="expected a directory or store=, found both"):
+        DeltaKVCache(tmp_path, store=LocalDirectoryStore(tmp_path))
+    with pytest.raises(TypeError, match="found neither"):
+        DeltaKVCache()
