@@ -47,14 +47,13 @@ from .errors import (
     TruncatedError,
     UnsupportedVersionError,
 )
-from .gguf_io import GGUFHeader, KeyValue, TensorInfo, align_up, pack_header, pack_kv, parse_header
+from .gguf_io import GGUFHeader, KeyValue, TensorInfo, align_up, pack_header, parse_header
 
 KEY_HEADER_CRC = "deltakv.header_crc32c"
 KEY_TENSOR_CRC = "deltakv.tensor_crc32c"
 KEY_RESERVE = "deltakv.header_reserve"
 KEY_VERSION = "deltakv.version"
 
-_RESERVE_KV_OVERHEAD = len(pack_kv(KeyValue(KEY_RESERVE, GGUFValueType.ARRAY, np.zeros(0, np.uint8), GGUFValueType.UINT8)))
 
 
 def crc32c(data, crc: int = 0) -> int:

@@ -173,7 +173,6 @@ _SEQ_PREFIX_LAYOUTS = tuple(lay for lay in _LAYOUT_ORDER if lay.traits.has_seq_s
 _ROTATION_LAYOUTS = tuple(lay.value for lay in BodyLayout if lay.traits.has_rotation_fields)
 
 _WHOLE_FRAMINGS = (Framing.SESSION_FILE, Framing.STATE)
-_SEQ_FRAMINGS = (Framing.SEQUENCE_FILE, Framing.SEQ_STATE)
 
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")

@@ -99,11 +99,6 @@ def f32_bits_to_bf16_bits(u):
     return r
 
 
-@njit(inline="always", cache=True)
-def bf16_bits_to_f32_bits(h):
-    return h << 16
-
-
 # ---- LLVM IR builders: the same conversions, branch-free, on scalars or vectors -------------------
 #
 # These emit 32-bit integer and f32 IR only (no 64-bit lanes, no branches, no table lookups), so that

@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from deltakv_format.constants import GGMLType
+
 
 def _synthetic_layer(rng, rows, values):
     # K-like rows drift slowly from token to token, with a few large channels.
@@ -26,7 +28,7 @@ def _real_layers(path, layers):
         for sec in state.kv_sections:
             for st in sec.streams:
                 for t in st.k + st.v:
-                    if t.ggml_type == 1 and t.cell_count:
+                    if t.ggml_type == GGMLType.F16 and t.cell_count:
                         out.append(np.ascontiguousarray(t.rows()))
         del state
     return out[:layers] if layers else out
@@ -45,7 +47,6 @@ def run(*, rows, values, layers, repeat, codecs, source=None) -> str:
     import numba
 
     from deltakv_format.codecs import codec_for_track, get_codec
-    from deltakv_format.constants import GGMLType
 
     rng = np.random.default_rng(0)
     data = _real_layers(source, layers) if source else [_synthetic_layer(rng, rows, values) for _ in range(layers)]

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deltakv_format.constants import GGMLType
+
 from deltakv_format.codecs import get_codec
 from deltakv_format.llama_state import parse_state, write_state
 from deltakv_format.session import write_session
@@ -136,7 +138,7 @@ def _with_noise(state, fraction: float, rng: np.random.Generator):
         streams = []
         for st in sec.streams:
             def nudge(t: KVTensor) -> KVTensor:
-                if t.ggml_type != 1 or t.cell_count == 0:
+                if t.ggml_type != GGMLType.F16 or t.cell_count == 0:
                     return t
                 bits = np.frombuffer(t.data, np.uint16).copy()
                 pick = rng.random(bits.size) < fraction
