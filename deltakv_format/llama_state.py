@@ -339,7 +339,7 @@ def _parse_kv_block(
         for il in range(n_layer):
             at = r.pos
             t = r.i32(f"K type of layer {il}")
-            bv, bb = _known_type(t, f"K type of layer {il}", at)
+            block_values, block_bytes = _known_type(t, f"K type of layer {il}", at)
             if ks and t != ks[0].ggml_type:
                 # llama.cpp creates every K tensor of a cache with the context's one type_k
                 raise CorruptError(
@@ -348,13 +348,13 @@ def _parse_kv_block(
                 )
             at = r.pos
             row_bytes = r.u64(f"K row size of layer {il}")
-            if row_bytes == 0 or row_bytes % bb:
+            if row_bytes == 0 or row_bytes % block_bytes:
                 raise CorruptError(
-                    f"K row size of layer {il}: expected a positive multiple of {bb} bytes, found {row_bytes}",
+                    f"K row size of layer {il}: expected a positive multiple of {block_bytes} bytes, found {row_bytes}",
                     offset=at,
                 )
             r.check_count(cell_count, row_bytes, f"cell_count x K row size of layer {il}", at)
-            n_values = row_bytes // bb * bv
+            n_values = row_bytes // block_bytes * block_values
             if model is not None and expect_layers is not None and not model.is_mla:
                 want = model.n_embd_k_gqa(expect_layers[il])
                 if n_values != want:
@@ -371,7 +371,7 @@ def _parse_kv_block(
             for il in range(n_layer):
                 at = r.pos
                 t = r.i32(f"V type of layer {il}")
-                bv, bb = _known_type(t, f"V type of layer {il}", at)
+                block_values, block_bytes = _known_type(t, f"V type of layer {il}", at)
                 if vs and t != vs[0].ggml_type:
                     raise CorruptError(
                         f"V type of layer {il}: expected {vs[0].ggml_type} like layer 0 (one V type per cache), "
@@ -381,20 +381,20 @@ def _parse_kv_block(
                 if not v_trans:
                     at = r.pos
                     row_bytes = r.u64(f"V row size of layer {il}")
-                    if row_bytes == 0 or row_bytes % bb:
+                    if row_bytes == 0 or row_bytes % block_bytes:
                         raise CorruptError(
-                            f"V row size of layer {il}: expected a positive multiple of {bb} bytes, found {row_bytes}",
+                            f"V row size of layer {il}: expected a positive multiple of {block_bytes} bytes, found {row_bytes}",
                             offset=at,
                         )
                     r.check_count(cell_count, row_bytes, f"cell_count x V row size of layer {il}", at)
-                    n_values = row_bytes // bb * bv
+                    n_values = row_bytes // block_bytes * block_values
                     nbytes = row_bytes * cell_count
                 else:
                     at = r.pos
                     el = r.u32(f"V element size of layer {il}")
-                    if el != bb:
+                    if el != block_bytes:
                         raise CorruptError(
-                            f"V element size of layer {il}: expected {bb} (ggml_type_size of type {t}), found {el}",
+                            f"V element size of layer {il}: expected {block_bytes} (ggml_type_size of type {t}), found {el}",
                             offset=at,
                         )
                     at = r.pos

@@ -19,6 +19,9 @@ from .codecs.bounds import as_float64
 from .constants import FLOAT_TYPES, GGUF_MAGIC, GGMLType
 from .container import DkvFile, replacing_file
 from .errors import ChecksumError, CodecError, CorruptError, DeltaKVError
+from .llama_state import parse_state, write_state
+from .model_info import ModelInfo
+from .reference import from_source_bits
 from .session_cells import cell_record_ends, owned_spans
 from .session_reader import DkvSession
 from .session_sizes import stored_bytes_by_track
@@ -103,15 +106,11 @@ def is_dkv(path) -> bool:
 def load_model_info(model_path):
     if model_path is None:
         return None
-    from .model_info import ModelInfo
-
     return ModelInfo.from_gguf(model_path)
 
 
 def parse_state_file(mapped: MappedFile, model=None) -> LlamaState:
     """Parse a llama.cpp state file; errors name the file."""
-    from .llama_state import parse_state
-
     try:
         return parse_state(mapped.buf, model=model)
     except DeltaKVError as e:
@@ -179,8 +178,6 @@ def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_
 
 def restore(dkv_path, out_path, *, framing: str | None = None) -> int:
     """.dkv -> llama.cpp state bytes (the original framing unless ``framing`` says otherwise)."""
-    from .llama_state import write_state
-
     check_output_path(out_path)
     with DkvSession(dkv_path) as session:
         state = session.to_llama_state()
@@ -309,8 +306,6 @@ class ValidationReport:
 
 
 def _as_f32(bits: np.ndarray, ggml_type: int) -> np.ndarray:
-    from .reference import from_source_bits
-
     return from_source_bits(np.ascontiguousarray(bits), ggml_type)
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import get_codec
-from .constants import GGML_BLOCK_SIZES, GGMLType
+from .constants import ALIGNMENT, GGML_BLOCK_SIZES, GGMLType
 from .container import DkvFile, element_view_dtype
+from .gguf_io import align_up
 from .errors import CorruptError, DeltaKVError
 from .session_cells import assemble_cells, owned_spans
 from .session_schema import (
@@ -196,6 +197,19 @@ class DkvSession:
                     raise CorruptError(f"segment {s} of {t.name} does not start on a keyframe")
                 if rows:
                     self._check_parts(t, s, rows, self._parts(t, s, verify=False))
+        self._check_no_gaps()
+
+    def _check_no_gaps(self) -> None:
+        """Like safetensors, no room for hidden bytes: each tensor starts where the previous one
+        ends, rounded up to the alignment (SPEC.md 7). Bytes after the last committed tensor are
+        what an append that crashed before its commit leaves (SPEC.md 8); they are never read."""
+        end = 0
+        for info in self.file.header.tensors:
+            expected = align_up(end, ALIGNMENT)
+            if info.offset != expected:
+                raise CorruptError(f"tensor {info.name!r}: expected it at data offset {expected} (the previous tensor's "
+                                   f"end, aligned), found {info.offset}", offset=self.file.data_start + info.offset)
+            end = info.offset + info.nbytes
 
     def _check_parts(self, t: Track, s: int, rows: int, parts: dict) -> None:
         """The part tensors of a track segment hold exactly ``rows`` rows, split as the codec says
