@@ -14,7 +14,10 @@ from pathlib import Path
 
 import click
 
-from deltakv_format.constants import CODECS, DEFAULT_CODEC
+from deltakv_format.codecs import CODEC_CLASSES
+from deltakv_format.constants import DEFAULT_CODEC
+
+CODECS = tuple(CODEC_CLASSES)  # every registered codec class, in registration order
 from deltakv_format.errors import DeltaKVError
 
 from .measure.eval_rows import ROW_LABELS

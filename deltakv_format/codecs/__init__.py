@@ -45,7 +45,6 @@ from ..constants import (
     CODEC_Q4_0,
     CODEC_Q8_0,
     CODEC_RAW,
-    CODECS,
     DEFAULT_KEYFRAME_INTERVAL,
     FLOAT_TYPES,
     GGML_BLOCK_SIZES,
@@ -560,11 +559,6 @@ def _mode_bytes(n_values: int) -> int:
 def _finite_or_zero(limit: np.ndarray) -> np.ndarray:
     """Stored infinities or NaN (a damaged payload) prove nothing: their bound is 0, so any error shows."""
     return np.where(np.isfinite(limit), limit, 0.0)
-
-
-if tuple(CODEC_CLASSES) != CODECS:
-    raise ImportError(f"constants.CODECS lists {CODECS}, the registered codec classes are {tuple(CODEC_CLASSES)}; "
-                      "a codec id goes into both (the CLI offers constants.CODECS)")
 
 
 def codec_for_track(codec: Codec, ggml_type: int, n_values: int) -> Codec:
