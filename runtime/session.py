@@ -379,7 +379,7 @@ def extend(llm, path, *, seq_id: int = 0, tokens=None) -> dict:
         if saved_from is not None and saved_from != seq_id:
             raise SessionMismatchError(f"{path} was saved from sequence {saved_from}; extend(seq_id={seq_id}) would store "
                                        f"another sequence's cells in it: pass seq_id={saved_from}, or save anew")
-        _check_fits(llm, session, seq_id)
         state = live_state(llm, seq_id, like=session, tokens=tokens)
+        _check_fits(llm, session, seq_id, live=state)  # the copy of the sequence is taken once
         with accelerated():
             return append_session(session, state)
