@@ -12,7 +12,7 @@ from deltakv_format.constants import GGMLType
 from deltakv_format.errors import CodecError
 from deltakv_format.numerics import F16_TO_F32
 
-from .codec_checks import check_bound_holds
+from .codec_checks import as_bits, check_bound_holds
 from .ggml_lib import ggml_dequantize, ggml_quantize, load_ggml_base
 
 GGML = load_ggml_base()
@@ -23,13 +23,7 @@ BITS = {GGMLType.F16: np.uint16, GGMLType.BF16: np.uint16, GGMLType.F32: np.uint
 LOSSY = [name for name in CODEC_CLASSES if name not in ("raw", "f16")]
 
 
-def to_bits(values: np.ndarray, ggml_type) -> np.ndarray:
-    values = np.asarray(values, np.float32)
-    if ggml_type == GGMLType.F16:
-        return values.astype(np.float16).view(np.uint16)
-    if ggml_type == GGMLType.BF16:
-        return (values.view(np.uint32) >> 16).astype(np.uint16)
-    return values.view(np.uint32).copy()
+to_bits = as_bits  # f32 values as the element bits of a cache of ``ggml_type`` (one helper, in codec_checks)
 
 
 def to_f32(bits: np.ndarray, ggml_type) -> np.ndarray:
