@@ -12,7 +12,8 @@ from enum import Enum, IntEnum
 
 # ---- the container ---------------------------------------------------------
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 files keep decoding: v2 only adds keys, parts and a codec
 """Delta-KV format version written by this library (``deltakv.version``)."""
 
 GGUF_MAGIC = b"GGUF"
@@ -255,6 +256,7 @@ CODEC_Q8_0 = "q8_0"
 CODEC_Q4_0 = "q4_0"
 CODEC_DELTA_Q4_0 = "delta-q4_0"
 CODEC_DKV_Q4 = "dkv-q4"
+CODEC_DKV_ANS = "dkv-ans"
 DEFAULT_CODEC = CODEC_DKV_Q4
 DEFAULT_KEYFRAME_INTERVAL = 32
 ROTATION_SIZES = (0, 16, 64, 256)

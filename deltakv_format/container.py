@@ -29,6 +29,7 @@ from .constants import (
     ALIGNMENT,
     ARCHITECTURE,
     FORMAT_VERSION,
+    READABLE_VERSIONS,
     GGML_BLOCK_SIZES,
     HEADER_RESERVE_MIN,
     JOURNAL_HEADER,
@@ -554,9 +555,10 @@ class DkvFile:
         version = kvs.get(KEY_VERSION)
         if version is None or version.value_type != GGUFValueType.UINT32:
             raise CorruptError(f"missing {KEY_VERSION} (u32)")
-        if version.value != FORMAT_VERSION:
+        if version.value not in READABLE_VERSIONS:
             raise UnsupportedVersionError(
-                f"Delta-KV format version {version.value}; this reader implements version {FORMAT_VERSION}",
+                f"Delta-KV format version {version.value}; this reader implements versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}",
                 offset=version.value_offset,
             )
         first = next(iter(kvs))

@@ -24,7 +24,7 @@ from .session_tracks import (
     track_rows,
     tracks_by_stream,
 )
-from .session_writer import SessionTensors, plan_tracks, session_kvs, token_format_of, write_session
+from .session_writer import SessionTensors, plan_tracks, stream_context, session_kvs, token_format_of, write_session
 from .state_model import KVCacheSection, LlamaState, OpaqueSection
 
 
@@ -182,8 +182,9 @@ def _append_rows(old: DkvSession, state: LlamaState, by_stream, progress):
         cells = np.frombuffer(stream.cells, np.uint8)[start_byte:]
         new_cell_bytes[g] = cells
         builder.add(cells_tensor(g, segment), GGMLType.I8, cells)
+        context = stream_context(stream, tracks, first, n)
         for t, (_, kv) in zip(tracks, live_tracks(g, stream)):
-            builder.add_track_segment(t, segment, track_rows(kv)[first:], t.name)
+            builder.add_track_segment(t, segment, track_rows(kv)[first:], t.name, context)
             if progress is not None:
                 progress(t.name)
         first_rows.append(first)

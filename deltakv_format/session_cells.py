@@ -34,6 +34,17 @@ def cell_record_ends(cells, count: int, ext_bytes: int) -> np.ndarray:
     return ends
 
 
+def cell_positions(cells, count: int, ext_bytes: int) -> np.ndarray:
+    """The ``pos`` field (i32) of each of ``count`` cell records."""
+    ends = cell_record_ends(cells, count, ext_bytes)
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64) if count else np.empty(0, np.int64)
+    raw = np.frombuffer(memoryview(cells), np.uint8)
+    if count and ends[-1] > raw.size:
+        raise CorruptError(f"{count} cell records end past their {raw.size} bytes", offset=int(raw.size))
+    idx = starts[:, None] + np.arange(4)[None, :]
+    return raw[idx].copy().view("<i4").reshape(-1).astype(np.int32)
+
+
 def owned_spans(seg_first_row, seg_rows, stream: int) -> list[tuple[int, int, int]]:
     """(segment, first row, end row) of the rows of ``stream`` each segment still owns, in row order.
 

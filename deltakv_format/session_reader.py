@@ -4,16 +4,17 @@ the llama.cpp state rebuilt (SPEC.md sections 3, 4 and 7).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from .codecs import get_codec
+from .codecs import TrackContext, get_codec
 from .constants import ALIGNMENT, GGML_BLOCK_SIZES, GGMLType
 from .container import DkvFile, element_view_dtype
 from .gguf_io import align_up
-from .errors import CorruptError, DeltaKVError
-from .session_cells import assemble_cells, owned_spans
+from .errors import CodecError, CorruptError, DeltaKVError
+from .session_cells import assemble_cells, cell_positions, owned_spans
 from .session_schema import (
     TOKEN_BLOB,
     cells_tensor,
@@ -36,6 +37,17 @@ from .state_model import (
 )
 
 
+def _track_params(text: str, where: str) -> dict:
+    """``deltakv.track.params`` of one track: a JSON object of integer parameters."""
+    try:
+        params = json.loads(text)
+    except ValueError as e:
+        raise CorruptError(f"deltakv.track.params of {where}: expected a JSON object, found {text[:40]!r} ({e})") from e
+    if not isinstance(params, dict) or not all(isinstance(k, str) and type(v) is int for k, v in params.items()):
+        raise CorruptError(f"deltakv.track.params of {where}: expected an object of integers, found {text[:60]!r}")
+    return params
+
+
 class DkvSession:
     """An opened .dkv session: metadata, tracks, decoding and rebuilding the llama.cpp state.
 
@@ -48,6 +60,7 @@ class DkvSession:
         if isinstance(path, DkvFile):
             _file = path
         self.file = _file if _file is not None else DkvFile(path, verify_checksums=verify_checksums)
+        self._positions: dict[tuple[int, int], np.ndarray] = {}
         where = self.file.name if isinstance(path, DkvFile) else str(path)
         try:
             self._load()
@@ -170,8 +183,12 @@ class DkvSession:
             ggml_type, n_values = meta.track_ggml_type[i], meta.track_n_values[i]
             if ggml_type not in GGML_BLOCK_SIZES:
                 raise CorruptError(f"track {track_id.name} has unknown ggml type {ggml_type}")
-            codec = get_codec(meta.track_codec[i], keyframe_interval=meta.track_keyframe_interval[i],
-                              rotation=meta.track_rotation[i])
+            params = _track_params(meta.track_params[i] if meta.track_params is not None else "{}", track_id.name)
+            try:
+                codec = get_codec(meta.track_codec[i], keyframe_interval=meta.track_keyframe_interval[i],
+                                  rotation=meta.track_rotation[i], **params)
+            except CodecError as e:
+                raise CorruptError(f"track {track_id.name}: {e}") from e
             if not codec.accepts(ggml_type, n_values):
                 raise CorruptError(f"track {track_id.name}: codec {codec.name} cannot hold {GGMLType(ggml_type).name} rows "
                                    f"of {n_values} values")
@@ -196,7 +213,7 @@ class DkvSession:
                 if rows and self.seg_first_row[s, t.stream] % chunk:
                     raise CorruptError(f"segment {s} of {t.name} does not start on a keyframe")
                 if rows:
-                    self._check_parts(t, s, rows, self._parts(t, s, verify=False))
+                    self._check_parts(t, s, rows, int(self.seg_first_row[s, t.stream]), self._parts(t, s, verify=False))
         self._check_no_gaps()
 
     def _check_no_gaps(self) -> None:
@@ -211,13 +228,18 @@ class DkvSession:
                                    f"end, aligned), found {info.offset}", offset=self.file.data_start + info.offset)
             end = info.offset + info.nbytes
 
-    def _check_parts(self, t: Track, s: int, rows: int, parts: dict) -> None:
+    def _check_parts(self, t: Track, s: int, rows: int, first_row: int, parts: dict) -> None:
         """The part tensors of a track segment hold exactly ``rows`` rows, split as the codec says
         (SPEC.md 3.2; the decoders index them without bounds checks)."""
+        for role, n in t.codec.expected_part_rows(rows, first_row).items():
+            if parts[role].shape[0] != n:
+                raise CorruptError(f"tensor {t.part_name(s, role)!r}: expected {n} rows for {rows} rows with "
+                                   f"keyframe interval {t.codec.keyframe_interval}, found {parts[role].shape[0]}")
+        t.codec.check_parts(parts, t.ggml_type, t.n_values, rows, first_row, f"{t.name} segment {s}")
         held = t.codec.rows_of_parts(parts)
         if held != rows:
             raise CorruptError(f"tensors of {t.name} segment {s} hold {held} rows, expected {rows}")
-        for role, n in t.codec.expected_part_rows(rows).items():
+        for role, n in t.codec.expected_part_rows(rows, first_row).items():
             if parts[role].shape[0] != n:
                 raise CorruptError(f"tensor {t.part_name(s, role)!r}: expected {n} rows for {rows} rows with "
                                    f"keyframe interval {t.codec.keyframe_interval}, found {parts[role].shape[0]}")
@@ -246,7 +268,11 @@ class DkvSession:
             name = track.part_name(segment, part.role)
             if self.file.has_tensor(name):
                 info = self.file.tensor_infos[name]
-                if info.ggml_type != part.ggml_type or info.shape[0] != part.n_values or len(info.shape) != 2:
+                if part.n_values == 0:  # bytes of one dimension, laid out as the codec's section says
+                    if info.ggml_type != part.ggml_type or len(info.shape) != 1:
+                        raise CorruptError(f"tensor {name!r} is {GGMLType(info.ggml_type).name} {info.shape}; "
+                                           f"expected {GGMLType(part.ggml_type).name} of one dimension")
+                elif info.ggml_type != part.ggml_type or info.shape[0] != part.n_values or len(info.shape) != 2:
                     raise CorruptError(
                         f"tensor {name!r} is {GGMLType(info.ggml_type).name} {info.shape}; "
                         f"expected {GGMLType(part.ggml_type).name} with rows of {part.n_values}"
@@ -274,10 +300,22 @@ class DkvSession:
             if lo >= hi:
                 continue
             parts = self._parts(track, s)
-            pieces.append(track.codec.decode(parts, track.ggml_type, track.n_values, lo - first, hi - first))
+            context = self.track_context(track, s) if track.codec.takes_context else None
+            pieces.append(track.codec.decode(parts, track.ggml_type, track.n_values, lo - first, hi - first,
+                                             context=context))
         if not pieces:
             return np.empty((0, track.n_values), element_view_dtype(track.ggml_type))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def track_context(self, track: Track, segment: int) -> TrackContext:
+        """What a codec that takes context needs for a segment: the positions of its cells, its first row."""
+        key = (track.stream, segment)
+        positions = self._positions.get(key)
+        if positions is None:
+            rows = int(self.seg_rows[segment, track.stream])
+            positions = cell_positions(self.segment_cells(track.stream, segment), rows, self.stream_ext[track.stream])
+            self._positions[key] = positions
+        return TrackContext(positions=positions, first_row=int(self.seg_first_row[segment, track.stream]))
 
     def segment_cells(self, stream: int, segment: int) -> np.ndarray:
         """The cell records segment ``segment`` stores for ``stream`` (bytes; empty if none)."""

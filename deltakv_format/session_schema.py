@@ -196,6 +196,8 @@ SESSION_KEYS: tuple[SessionKey, ...] = (
     _array("deltakv.track.codec", STR, PER_TRACK, field="track_codec"),
     _array("deltakv.track.keyframe_interval", U32, PER_TRACK, field="track_keyframe_interval"),
     _array("deltakv.track.rotation", U32, PER_TRACK, field="track_rotation"),
+    # version 2: the parameters of codecs that take more than the two columns above (JSON objects)
+    _array("deltakv.track.params", STR, PER_TRACK, required=False, field="track_params"),
     _key("deltakv.segment.count", U32, field="n_segments", defines=PER_SEGMENT),
     _array("deltakv.segment.first_row", U64, PER_SEGMENT_STREAM, field="seg_first_row", lo=0, hi=U32_MAX),
     _array("deltakv.segment.rows", U64, PER_SEGMENT_STREAM, field="seg_rows", lo=0, hi=U32_MAX),
@@ -241,6 +243,7 @@ class SessionMetadata:
     track_codec: list[str]
     track_keyframe_interval: list[int]
     track_rotation: list[int]
+    track_params: list[str] | None
     n_segments: int
     seg_first_row: list[int]
     seg_rows: list[int]

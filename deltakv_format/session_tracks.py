@@ -82,6 +82,8 @@ def source_n_values(t: Track) -> int:
 def empty_part(part) -> np.ndarray:
     """A codec part with no rows, of the dtype and row width its decoder expects."""
     dt = element_view_dtype(part.ggml_type)
+    if part.n_values == 0:
+        return np.empty(0, dt)
     block_values, block_bytes = GGML_BLOCK_SIZES[part.ggml_type]
     return np.empty((0, part.n_values // block_values * block_bytes // dt.itemsize), dt)
 

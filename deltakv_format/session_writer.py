@@ -8,12 +8,13 @@ atomic write. It returns a :class:`WrittenSession`: what was written, without re
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .codecs import Codec, codec_for_track, get_codec
+from .codecs import Codec, TrackContext, codec_for_track, get_codec
 from .constants import GGMLType
 from .container import TensorData, base_kvs, write_container, write_container_to
 from .errors import CorruptError
@@ -28,9 +29,15 @@ from .session_schema import (
     section_tensor,
     tokens_tensor,
 )
+from .session_cells import cell_positions
 from .session_sizes import session_stats
 from .session_tracks import Track, live_streams, live_tracks, stored_row_size, track_rows, tracks_by_stream
 from .state_model import KVCacheSection, LlamaState, OpaqueSection
+
+
+def track_params_json(codec: Codec) -> str:
+    """``deltakv.track.params`` of a track: its codec's parameters beyond the two columns, as canonical JSON."""
+    return json.dumps(codec.extra_parameters(), sort_keys=True, separators=(",", ":"))
 
 
 def token_format_of(state: LlamaState) -> str:
@@ -55,21 +62,41 @@ class SessionTensors:
             shape = (inner, array.shape[0])
         self.tensors.append(TensorData(name, ggml_type, shape, array))
 
-    def add_track_segment(self, track: Track, segment: int, rows: np.ndarray, where: str):
-        parts = track.codec.encode(rows, track.ggml_type, where) if rows.shape[0] else {}
+    def add_track_segment(self, track: Track, segment: int, rows: np.ndarray, where: str,
+                          context: TrackContext | None = None):
+        """Code ``rows`` of ``track`` as segment ``segment``; ``context``: the rows' cell positions and
+        the segment's first row (for codecs that take them)."""
+        parts = track.codec.encode(rows, track.ggml_type, where, context=context) if rows.shape[0] else {}
         for part in track.codec.parts(track.ggml_type, track.n_values):
             if part.role in parts:
-                self.add(track.part_name(segment, part.role), part.ggml_type, parts[part.role], part.n_values)
+                self.add(track.part_name(segment, part.role), part.ggml_type, parts[part.role], part.n_values or None)
 
 
-def plan_tracks(state: LlamaState, codec_of_role: dict[str, Codec], track_codecs: list[Codec] | None = None) -> list[Track]:
+def stream_context(stream, stream_tracks: list[Track], first_row: int, end_row: int) -> TrackContext | None:
+    """The positions of a live stream's rows [first_row, end_row), for codecs that take them (else None:
+    parsing cell records costs O(cells))."""
+    if not any(t.codec.takes_context for t in stream_tracks):
+        return None
+    positions = cell_positions(stream.cells, stream.cell_count, stream.cell_ext_bytes)
+    return TrackContext(positions=positions[first_row:end_row], first_row=first_row)
+
+
+def plan_tracks(state: LlamaState, codec_of_role: dict[str, Codec], track_codecs: list[Codec] | None = None,
+                rope=None) -> list[Track]:
     """One track per layer K/V of every stream; ``track_codecs`` (a rewrite of a stored session)
-    gives each track the codec it already had."""
+    gives each track the codec it already had. ``rope``: per KV section of the state (in order), the
+    :class:`~deltakv_format.model_info.RopeParams` of each layer (``ModelInfo.rope_params()``), for
+    codecs that code keys before rotary embedding; None: unknown (they code keys as they are)."""
     tracks = []
-    for stream_index, (_, stream) in enumerate(live_streams(state)):
+    kv_sections = [i for i, sec in enumerate(state.sections) if isinstance(sec, KVCacheSection)]
+    for stream_index, (section, stream) in enumerate(live_streams(state)):
+        cache = kv_sections.index(section)
+        layer_rope = rope[cache] if rope is not None and cache < len(rope) else []
         for track_id, t in live_tracks(stream_index, stream):
             codec = codec_of_role[track_id.role]
             chosen = codec_for_track(codec, t.ggml_type, t.n_values) if t.is_float else get_codec("raw")
+            if track_id.role == "k" and track_id.layer < len(layer_rope):
+                chosen = chosen.for_layer(layer_rope[track_id.layer], t.ggml_type, t.n_values)
             if track_codecs is not None:
                 chosen = track_codecs[len(tracks)]
             tracks.append(Track(len(tracks), track_id, t.ggml_type, stored_row_size(t), t.transposed, chosen))
@@ -117,6 +144,7 @@ def session_metadata(state: LlamaState, codec_name: str, tracks: list[Track], se
         track_codec=[t.codec.name for t in tracks],
         track_keyframe_interval=[t.codec.keyframe_interval for t in tracks],
         track_rotation=[t.codec.rotation for t in tracks],
+        track_params=[track_params_json(t.codec) for t in tracks],
         n_segments=len(seg_first_token),
         seg_first_row=list(seg_first_row),
         seg_rows=list(seg_rows),
@@ -165,7 +193,7 @@ class WrittenSession:
 def write_session(state: LlamaState, path=None, codec: Codec | str = "dkv-q4", progress=None, *,
                   k_codec: Codec | str | None = None, v_codec: Codec | str | None = None,
                   extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = (),
-                  track_codecs: list[Codec] | None = None, to=None) -> WrittenSession | None:
+                  track_codecs: list[Codec] | None = None, to=None, rope=None) -> WrittenSession | None:
     """Store ``state`` as a new .dkv at ``path`` (atomically); returns what was written
     (:meth:`WrittenSession.open` reads it back).
 
@@ -177,6 +205,8 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = "dkv-q4", p
     own codec, ``deltakv.track.codec`` in SPEC.md section 3; later appends keep it). K matters more to
     the model than V, so ``k_codec="q8_0"`` with the default for V gets q8_0-level quality at fewer
     bits than q8_0 for both (eval/EVAL.md).
+    ``rope``: the model's rotary parameters per KV section and layer (``ModelInfo.rope_params()``);
+    ``dkv-ans`` codes keys before rotary embedding with them (without: as they are, at some cost).
     ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
     ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
     """
@@ -186,7 +216,7 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = "dkv-q4", p
     codec = get_codec(codec) if isinstance(codec, str) else codec
     codec_of_role = {role: get_codec(c) if isinstance(c, str) else (c or codec)
                      for role, c in zip(ROLES, (k_codec, v_codec))}
-    tracks = plan_tracks(state, codec_of_role, track_codecs)
+    tracks = plan_tracks(state, codec_of_role, track_codecs, rope)
     tensors = SessionTensors()
     tokens = state.tokens()
     if state.token_words is not None and tokens is None:
@@ -202,8 +232,9 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = "dkv-q4", p
         tensors.add(cells_tensor(g, 0), GGMLType.I8, np.frombuffer(stream.cells, np.uint8))
     by_stream = tracks_by_stream(tracks)
     for g, (_, stream) in enumerate(streams):
+        context = stream_context(stream, by_stream.get(g, []), 0, stream.cell_count)
         for track, (_, kv) in zip(by_stream.get(g, []), live_tracks(g, stream)):
-            tensors.add_track_segment(track, 0, track_rows(kv), track.name)
+            tensors.add_track_segment(track, 0, track_rows(kv), track.name, context)
             if progress is not None:
                 progress(track.name)
     cells = [s.cell_count for _, s in streams]

@@ -20,6 +20,8 @@ q8_0           data (Q8_0, rows x n), ggml-exact blocks
 q4_0           data (Q4_0, rows x n), ggml-exact blocks
 delta-q4_0     key (source type, keyframes x n), q4 (Q4_0, deltas x n)
 dkv-q4         key, q4, mode (I8, deltas x ceil(n / 256)): per-block intra/inter bits
+dkv-ans        sink (source type, sink rows x n), head and data (I8 bytes): rANS-coded
+               integers of one step, keys with rotary embedding undone (codecs/dkv_ans.py)
 =============  ==========================================================
 
 Rows and values are element bit patterns (uint16 for f16/bf16, uint32 for f32),
@@ -40,6 +42,7 @@ import numpy as np
 
 from ..constants import (
     CODEC_DELTA_Q4_0,
+    CODEC_DKV_ANS,
     CODEC_DKV_Q4,
     CODEC_F16,
     CODEC_Q4_0,
@@ -66,7 +69,8 @@ BLOCK_VALUES = GGML_BLOCK_SIZES[GGMLType.Q4_0][0]
 
 @dataclass(frozen=True)
 class Part:
-    """One stored tensor of a codec: its role name, GGUF type and row length in values."""
+    """One stored tensor of a codec: its role name, GGUF type and row length in values (0: a tensor
+    of one dimension, any length: bytes whose layout the codec's section of SPEC.md gives)."""
 
     role: str
     ggml_type: int
@@ -181,10 +185,10 @@ def register_codec(cls: type["Codec"]) -> type["Codec"]:
     if cls.name in CODEC_CLASSES:
         raise TypeError(f"codec id {cls.name!r} is taken by {CODEC_CLASSES[cls.name].__name__}; "
                         f"{cls.__name__} needs another")
-    unknown = set(cls.parameters) - set(TRACK_COLUMNS)
-    if unknown:
-        # the .dkv format has no place to store them (SPEC.md section 3): a new one needs a format change
-        raise TypeError(f"{cls.__name__}: parameters must be among {TRACK_COLUMNS}, found {sorted(unknown)}")
+    bad = [p for p in cls.parameters if not p.replace("_", "").isalnum() or not p.islower()]
+    if bad:
+        # parameters beyond TRACK_COLUMNS live in deltakv.track.params (SPEC.md 3), keyed by name
+        raise TypeError(f"{cls.__name__}: parameter names must be lower-case identifiers, found {bad}")
     CODEC_CLASSES[cls.name] = cls
     return cls
 
@@ -242,8 +246,17 @@ class Codec:
     # -- configuration ------------------------------------------------------------------
 
     def get_config(self) -> dict:
-        """The codec id and its per-track columns: JSON-serialisable, what a track stores."""
-        return {"codec": self.name, "keyframe_interval": self.keyframe_interval, "rotation": self.rotation}
+        """The codec id and its parameters: JSON-serialisable, what a track stores."""
+        config = {"codec": self.name, "keyframe_interval": self.keyframe_interval, "rotation": self.rotation}
+        config.update(self.extra_parameters())
+        return config
+
+    def extra_parameters(self) -> dict[str, int]:
+        """The parameters stored in ``deltakv.track.params`` (those that are not track columns)."""
+        return {k: getattr(self, k) for k in self.parameters if k not in TRACK_COLUMNS}
+
+    takes_context: ClassVar[bool] = False
+    """Whether encode/decode need a :class:`TrackContext` (cell positions, the segment's first row)."""
 
     @classmethod
     def from_config(cls, config: dict) -> "Codec":
@@ -273,13 +286,20 @@ class Codec:
         """This codec, or a variant of it, for a track of these rows; None if neither can take it."""
         return self if self.accepts(ggml_type, n_values) else None
 
+    def for_layer(self, rope, ggml_type: int, n_values: int) -> "Codec":
+        """This codec for a K track whose layer llama.cpp rotated with ``rope`` (a
+        :class:`~deltakv_format.model_info.RopeParams`, or None when unknown). Codecs that do not
+        undo rotary embedding return themselves."""
+        return self
+
     # -- parts --------------------------------------------------------------------------
 
     def parts(self, ggml_type: int, n_values: int) -> list[Part]:
         raise NotImplementedError
 
-    def expected_part_rows(self, rows: int) -> dict[str, int]:
-        """How many rows each part holds for a segment of ``rows`` track rows (SPEC.md 3.2, 6)."""
+    def expected_part_rows(self, rows: int, first_row: int = 0) -> dict[str, int]:
+        """How many rows each part holds for a segment of ``rows`` track rows starting at stream row
+        ``first_row`` (SPEC.md 3.2, 6). Parts of one dimension (``Part.n_values == 0``) are not listed."""
         return {"data": rows}
 
     def rows_of_parts(self, parts: dict[str, np.ndarray]) -> int:
@@ -288,22 +308,26 @@ class Codec:
 
     # -- coding -------------------------------------------------------------------------
 
-    def encode(self, rows: np.ndarray, ggml_type: int, where: str = "track") -> dict[str, np.ndarray]:
+    def encode(self, rows: np.ndarray, ggml_type: int, where: str = "track", context=None) -> dict[str, np.ndarray]:
+        """Code a segment's rows. ``context`` (:class:`TrackContext`): the rows' cell positions and the
+        segment's first row, for codecs that take them (``takes_context``); others ignore it."""
         self._require(ggml_type, np.shape(rows)[-1])
+        extra = (context,) if self.takes_context else ()
         with _KERNEL_LOCK:
             accelerated = _accelerated(self)
             if accelerated is not None:
-                return accelerated.encode(self, rows, ggml_type, where)
-            return self._encode(rows, ggml_type, where)
+                return accelerated.encode(self, rows, ggml_type, where, *extra)
+            return self._encode(rows, ggml_type, where, *extra)
 
     def decode(self, parts: dict[str, np.ndarray], ggml_type: int, n_values: int, row_lo: int, row_hi: int,
-               out: np.ndarray | None = None) -> np.ndarray:
+               out: np.ndarray | None = None, context=None) -> np.ndarray:
         self._require(ggml_type, n_values)
+        extra = (context,) if self.takes_context else ()
         with _KERNEL_LOCK:
             accelerated = _accelerated(self)
             if accelerated is None:
-                return self._decode(parts, ggml_type, n_values, row_lo, row_hi, out)
-            result = accelerated.decode(self, parts, ggml_type, n_values, row_lo, row_hi)
+                return self._decode(parts, ggml_type, n_values, row_lo, row_hi, out, *extra)
+            result = accelerated.decode(self, parts, ggml_type, n_values, row_lo, row_hi, *extra)
             if out is None:
                 return result
             out[...] = result
@@ -314,6 +338,11 @@ class Codec:
 
     def _decode(self, parts, ggml_type, n_values, row_lo, row_hi, out):
         raise NotImplementedError
+
+    def check_parts(self, parts: dict[str, np.ndarray], ggml_type: int, n_values: int, rows: int,
+                    first_row: int, where: str) -> None:
+        """Raise CorruptError for parts a decoder could not index safely (the reader calls it on
+        every segment before decoding). Row counts are checked by the reader itself."""
 
     def _require(self, ggml_type: int, n_values: int) -> None:
         if not self.accepts(ggml_type, n_values):
@@ -486,7 +515,7 @@ class DeltaQ4_0Codec(Codec):
             parts.append(Part("mode", GGMLType.I8, _mode_bytes(n_values)))
         return parts
 
-    def expected_part_rows(self, rows):
+    def expected_part_rows(self, rows, first_row=0):
         keyframes = -(-rows // self.keyframe_interval)
         expected = {"key": keyframes, "q4": rows - keyframes}
         if self.adaptive:
@@ -549,6 +578,10 @@ class DkvQ4Codec(DeltaQ4_0Codec):
             if smaller.accepts(ggml_type, n_values):
                 return smaller
         return None
+
+
+from .dkv_ans import TrackContext  # noqa: E402 (the codec module needs Codec defined above)
+from .dkv_ans_codec import DkvAnsCodec  # noqa: E402,F401
 
 
 def _mode_bytes(n_values: int) -> int:
