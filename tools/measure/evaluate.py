@@ -25,6 +25,7 @@ from deltakv_format.constants import GGMLType
 
 from deltakv_format.codecs import get_codec
 from deltakv_format.llama_state import parse_state, write_state
+from deltakv_format.model_info import rope_params_of_state_layers
 from deltakv_format.session import write_session
 from deltakv_format.state_model import Framing, KVCacheSection, KVTensor
 
@@ -156,19 +157,27 @@ def _kv_values(state) -> int:
     return sum(t.n_values * t.cell_count for sec in state.kv_sections for st in sec.streams for t in st.k + st.v)
 
 
-def _through_codec(seq_blob: memoryview, codec_name: str, params: dict, tmp: Path) -> tuple[bytes, float, float]:
-    """seq state -> .dkv (written and read back) -> seq state; with bits/value and size ratio."""
+def _through_codec(seq_blob: memoryview, codec_name: str, params: dict, tmp: Path, rope=None) -> tuple[bytes, float, float]:
+    """seq state -> .dkv (written and read back) -> seq state; with bits/value and size ratio.
+    ``rope``: the model's rotary parameters (what the runtime passes), for codecs that use them."""
     state = parse_state(seq_blob, framing=Framing.SEQ_STATE)
     path = tmp / "eval.dkv"
     params = dict(params)
-    per_role = {role: params.pop(role, None) for role in ("k_codec", "v_codec")}
-    written = write_session(state, path, get_codec(codec_name, **params), **per_role)
+    per_role = {role: _codec_spec(params.pop(role, None)) for role in ("k_codec", "v_codec")}
+    written = write_session(state, path, get_codec(codec_name, **params), rope=rope, **per_role)
     stored = written.stats()["kv_stored_bytes"]
     ratio = written.file_size / len(seq_blob)
     with written.open() as session:
         restored = session.to_llama_state()
     bits = 8 * stored / _kv_values(state)
     return write_state(restored), bits, ratio
+
+
+def _codec_spec(spec):
+    """A per-role codec of a row: None, a codec id, or (id, parameters)."""
+    if isinstance(spec, (tuple, list)):
+        return get_codec(spec[0], **spec[1])
+    return spec
 
 
 def run_eval(config: EvalConfig, log=print, on_run=None) -> list[Measurement]:
@@ -183,6 +192,7 @@ def run_eval(config: EvalConfig, log=print, on_run=None) -> list[Measurement]:
         tmp = Path(tmpdir)
         for model_name, model_path in config.models.items():
             f16 = _Decoder(model_path, n_ctx)
+            rope = rope_params_of_state_layers(model_path, sequence=True)
             quantized = {label: _Decoder(model_path, n_ctx, cache_type)
                          for label, cache_type in (("llama.cpp cache q8_0", llama_cpp.GGML_TYPE_Q8_0),
                                                    ("llama.cpp cache q4_0", llama_cpp.GGML_TYPE_Q4_0))
@@ -215,7 +225,7 @@ def run_eval(config: EvalConfig, log=print, on_run=None) -> list[Measurement]:
                                                            len(tail)))
 
                             for label, codec_name, params in config.codec_rows:
-                                restored, bits, ratio = _through_codec(memoryview(blob), codec_name, params, tmp)
+                                restored, bits, ratio = _through_codec(memoryview(blob), codec_name, params, tmp, rope)
                                 measure(label, restored, bits, ratio)
                             if "f16 noise floor" in config.reference_rows:
                                 state = parse_state(memoryview(blob), framing=Framing.SEQ_STATE)
