@@ -25,8 +25,12 @@ ALIGNMENT = 64
 ARCHITECTURE = "deltakv"
 """``general.architecture`` of a .dkv file; no llama.cpp model loader accepts it."""
 
-HEADER_RESERVE_MIN = 64 * 1024
-"""Smallest header region a writer reserves, so that appends rewrite the header in place."""
+HEADER_RESERVE_MIN = 4 * 1024
+"""Smallest ``deltakv.header_reserve`` a writer leaves (bytes): room for small header changes."""
+HEADER_RESERVE_APPENDS = 8
+"""A session's reserve holds the header growth of this many appends (SPEC.md section 2, rule 3) ..."""
+HEADER_RESERVE_PAYLOAD_DIVISOR = 32
+"""... but at most 1/32 of its tensor data, so that a short session keeps its codec's ratio."""
 
 JOURNAL_SUFFIX = "-journal"
 JOURNAL_MAGIC = b"DKVJ"

@@ -31,7 +31,9 @@ from .constants import (
     FORMAT_VERSION,
     READABLE_VERSIONS,
     GGML_BLOCK_SIZES,
+    HEADER_RESERVE_APPENDS,
     HEADER_RESERVE_MIN,
+    HEADER_RESERVE_PAYLOAD_DIVISOR,
     JOURNAL_HEADER,
     JOURNAL_MAGIC,
     JOURNAL_PREAMBLE_BYTES,
@@ -107,15 +109,41 @@ def _header_crc_offset(kvs_first_key: str = KEY_HEADER_CRC) -> int:
 HEADER_CRC_VALUE_OFFSET = _header_crc_offset()
 
 
-def build_header(kvs: list[KeyValue], tensors: list[TensorInfo], tensor_crcs: list[int], data_start: int | None) -> bytes:
+def header_reserve(bare: int, payload: int, growth: int | None = None) -> int:
+    """How many bytes of ``deltakv.header_reserve`` a new file gets (SPEC.md section 2, rule 3).
+
+    ``bare``: the header's size without reserve; ``payload``: the bytes of its data section;
+    ``growth``: how many bytes one append adds to the header (the session layer knows:
+    :func:`session_writer.segment_header_growth`), or None for a container of unknown use.
+
+    A full reserve lets appends rewrite the header in place; once it is used up, the next append
+    rewrites the whole file (SPEC.md section 8), which costs O(file). A session's reserve is room
+    for HEADER_RESERVE_APPENDS appends, capped at 1/HEADER_RESERVE_PAYLOAD_DIVISOR of the payload:
+    a fixed 64 KiB reserve (until issue 12) made the header 15% of a 63-token SmolLM2 session. The
+    cap keeps the reserve within ~3% of any file, and it only binds where a rewrite is cheap:
+    a session then holds at least payload / (DIVISOR * growth) appends in place, so rewriting the
+    file every that many appends costs each append about DIVISOR * growth bytes of writing on
+    average, whatever the session's size (an in-place append writes its header twice anyway,
+    journal and file). The floor leaves room for small changes. Readers accept any reserve.
+    Without ``growth``, the header may double (the rule of the first writers).
+    """
+    if growth is None:
+        return max(HEADER_RESERVE_MIN, bare)
+    return max(HEADER_RESERVE_MIN, min(HEADER_RESERVE_APPENDS * growth, payload // HEADER_RESERVE_PAYLOAD_DIVISOR))
+
+
+def build_header(kvs: list[KeyValue], tensors: list[TensorInfo], tensor_crcs: list[int], data_start: int | None,
+                 growth: int | None = None) -> bytes:
     """Header bytes exactly ``data_start`` long (the reserve fills the gap), with its CRC set.
 
-    With ``data_start=None`` the smallest aligned header with the minimum reserve is built.
+    With ``data_start=None`` the smallest aligned header with the reserve :func:`header_reserve`
+    gives (``growth``: one append's header growth) is built.
     Returns b"" if the header does not fit in ``data_start`` bytes.
     """
     bare = len(pack_header(_with_crc_fields(kvs, tensor_crcs, 0), tensors))
     if data_start is None:
-        data_start = align_up(bare + max(HEADER_RESERVE_MIN, bare), ALIGNMENT)
+        payload = max((t.offset + t.nbytes for t in tensors), default=0)
+        data_start = align_up(bare + header_reserve(bare, payload, growth), ALIGNMENT)
     reserve = data_start - bare
     if reserve < 0:
         return b""
@@ -259,9 +287,10 @@ def replacing_file(path: Path):
         raise
 
 
-def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progress=None) -> int:
+def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progress=None, *, growth: int | None = None) -> int:
     """Write a complete .dkv atomically: temp file in the same folder, fsync, rename. Returns the
-    size of the file written.
+    size of the file written. ``growth``: one append's header growth, which sizes the header
+    reserve (:func:`header_reserve`).
 
     An interrupted append's journal for ``path`` is recovered first: left behind, it would be read
     as a committed header of the new file."""
@@ -269,7 +298,7 @@ def write_container(path, kvs: list[KeyValue], tensors: list[TensorData], progre
     recover_journal(path)
     infos = layout_tensors(tensors)
     # First pass sizes the header; CRCs are only known after the data is written.
-    provisional = build_header(kvs, infos, [0] * len(infos), None)
+    provisional = build_header(kvs, infos, [0] * len(infos), None, growth)
     data_start = len(provisional)
     with replacing_file(path) as f:
         f.write(provisional)
@@ -295,7 +324,8 @@ def _write_all(stream, data) -> None:
         view = view[n:]
 
 
-def write_container_to(stream, kvs: list[KeyValue], tensors: list[TensorData], progress=None) -> int:
+def write_container_to(stream, kvs: list[KeyValue], tensors: list[TensorData], progress=None, *,
+                       growth: int | None = None) -> int:
     """Write a complete .dkv to a writable binary ``stream``, front to back; returns its size.
 
     The bytes are those :func:`write_container` puts in a file. They are written in order without
@@ -310,7 +340,7 @@ def write_container_to(stream, kvs: list[KeyValue], tensors: list[TensorData], p
         if len(raw) != info.nbytes:
             raise DeltaKVError(f"tensor {t.name!r}: {len(raw)} bytes given, its shape and type need {info.nbytes}")
         crcs.append(crc32c(raw))
-    header = build_header(kvs, infos, crcs, None)  # its size does not depend on the checksums' values
+    header = build_header(kvs, infos, crcs, None, growth)  # its size does not depend on the checksums' values
     _write_all(stream, header)
     data_start = pos = len(header)
     for t, info in zip(tensors, infos):
@@ -686,13 +716,15 @@ class DkvFile:
 # ---- append ---------------------------------------------------------------------------
 
 
-def append_container(file: DkvFile, kvs: list[KeyValue], new_tensors: list[TensorData], progress=None) -> None:
+def append_container(file: DkvFile, kvs: list[KeyValue], new_tensors: list[TensorData], progress=None, *,
+                     growth: int | None = None) -> None:
     """Add tensors and replace the key-values of an existing .dkv, crash-safely (SPEC.md 8).
 
     ``file`` is the file as :meth:`DkvFile.open_for_append` opened it: locked, its journal
     recovered, its header read once. Costs O(new tensors + header): new data goes after the
     committed end; the new header is made durable in the journal before it overwrites the old one
-    in place. If the reserved header region is too small, the file is rewritten (atomic rename).
+    in place. If the reserved header region is too small, the file is rewritten (atomic rename),
+    with a new reserve sized by ``growth`` as :func:`write_container` sizes it.
     ``file`` still describes the snapshot it was opened on; close it (the lock goes with it).
     """
     if not file.locked:
@@ -711,7 +743,7 @@ def append_container(file: DkvFile, kvs: list[KeyValue], new_tensors: list[Tenso
     if not header:
         old_tensors = [TensorData(t.name, t.ggml_type, t.shape, file._buf[data_start + t.offset:data_start + t.offset + t.nbytes])
                        for t in old_infos]
-        write_container(path, kvs, old_tensors + new_tensors, progress)
+        write_container(path, kvs, old_tensors + new_tensors, progress, growth=growth)
         return
     # Written through the locked descriptor: the file whose header was read, whatever the path names now.
     f = file._lock_file

@@ -24,7 +24,7 @@ from .session_tracks import (
     track_rows,
     tracks_by_stream,
 )
-from .session_writer import SessionTensors, plan_tracks, stream_context, session_kvs, token_format_of, write_session
+from .session_writer import SessionTensors, plan_tracks, segment_header_growth, session_kvs, stream_context, token_format_of, write_session
 from .state_model import KVCacheSection, LlamaState, OpaqueSection
 
 
@@ -150,7 +150,9 @@ def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, p
                 "tokens_added": 0 if tokens is None else len(tokens), "rewritten": rewrite}
     kvs, tensors, summary = result
     if kvs:  # nothing new (no rows, no tokens) is nothing to write
-        append_container(old.file, kvs, tensors)
+        # Sizes the reserve of the new file written when this header no longer fits the old one's.
+        growth = segment_header_growth(old.tracks, len(old.stream_cells), old.token_format, old.n_segments + 1)
+        append_container(old.file, kvs, tensors, growth=growth)
     return summary
 
 

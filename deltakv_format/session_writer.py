@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import Codec, TrackContext, codec_for_track, get_codec
-from .constants import GGMLType
+from .constants import HEADER_RESERVE_APPENDS, GGMLType
 from .container import TensorData, base_kvs, write_container, write_container_to
 from .errors import CorruptError
 from .gguf_io import KeyValue
@@ -160,6 +160,34 @@ def session_kvs(state: LlamaState, codec_name: str, tracks: list[Track], seg_fir
     return base_kvs() + encode_metadata(meta)
 
 
+def _tensor_info_bytes(name: str, n_dims: int) -> int:
+    """Header bytes of one tensor: its info (SPEC.md section 2) and its element of deltakv.tensor_crc32c."""
+    return 8 + len(name.encode()) + 4 + 8 * n_dims + 4 + 8 + 4
+
+
+def segment_header_growth(tracks: list[Track], n_streams: int, token_format: str, n_segments: int) -> int:
+    """The most bytes one append can add to the header of a session of ``n_segments`` segments stored as
+    ``tracks`` (SPEC.md section 8), which sizes the header reserve (:func:`container.header_reserve`).
+
+    An append adds a segment: the tensors of every codec part of every track, each stream's cells
+    and the new tokens, and one element per stream to deltakv.segment.first_row and .rows and one
+    to .first_token and .tokens (u64 each); every other key keeps its size. The names are those of
+    the last of the next HEADER_RESERVE_APPENDS segments (the longest), part tensors counted 2-D.
+    A packed token field makes every change a whole new file (SPEC.md section 8): no append grows
+    its header, so such a session is written with the smallest reserve.
+    """
+    if token_format == "packed":
+        return 0
+    segment = n_segments + HEADER_RESERVE_APPENDS - 1
+    total = 16 * n_streams + 16
+    for t in tracks:
+        total += sum(_tensor_info_bytes(t.part_name(segment, p.role), 2) for p in t.codec.parts(t.ggml_type, t.n_values))
+    total += sum(_tensor_info_bytes(cells_tensor(g, segment), 1) for g in range(n_streams))
+    if token_format == "plain":
+        total += _tensor_info_bytes(tokens_tensor(segment), 1)
+    return total
+
+
 @dataclass(frozen=True)
 class WrittenSession:
     """What :func:`write_session` wrote, known without reading the file back."""
@@ -240,10 +268,11 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = "dkv-q4", p
     cells = [s.cell_count for _, s in streams]
     kvs = session_kvs(state, codec.name, tracks, [0] * len(streams), cells, [0], [n_tokens], cells) + list(extra_kvs)
     written = tensors.tensors + list(extra_tensors)
+    growth = segment_header_growth(tracks, len(streams), token_format_of(state), 1)
     if to is not None:
-        write_container_to(to, kvs, written)
+        write_container_to(to, kvs, written, growth=growth)
         return None
-    file_size = write_container(path, kvs, written)
+    file_size = write_container(path, kvs, written, growth=growth)
     return WrittenSession(Path(path), codec.name, tracks, cells, {t.name: t.nbytes() for t in written}, file_size)
 
 
