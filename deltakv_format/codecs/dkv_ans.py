@@ -131,14 +131,20 @@ MAX_CODE = 30000  # |q| stays below 2^15 so an escape's 16 bits hold q >> shift
 SEARCH_ROWS = 512  # rows the rate search looks at (evenly spread over the segment)
 
 
+CLASS_BINS_PER_OCTAVE = 3  # finer classes fit each column's spread better; each costs a 66-byte table
+SHIFT_OFFSET = 1  # q >> shift keeps a spread of 4..8: within the 31 direct symbols, its low bits near uniform
+
+
 def _octaves(q: np.ndarray) -> np.ndarray:
+    """Class key of each column: its RMS code, in thirds of an octave."""
     spread = np.sqrt(np.mean(q.astype(np.float64) ** 2, axis=0))
-    return np.clip(np.rint(np.log2(np.maximum(spread, 2.0 ** -5))), -5, 14).astype(np.int64)
+    b = CLASS_BINS_PER_OCTAVE
+    return np.clip(np.rint(b * np.log2(np.maximum(spread, 2.0 ** -5))), -5 * b, 14 * b).astype(np.int64)
 
 
-def _shift_of_octave(octave: np.ndarray) -> np.ndarray:
+def _shift_of_octave(key: np.ndarray) -> np.ndarray:
     """Low bits sent as they are: q >> shift then spreads over about +-4 (within the direct symbols)."""
-    return np.clip(octave - 2, 0, ans.MAX_SHIFT)
+    return np.clip(np.floor_divide(key, CLASS_BINS_PER_OCTAVE) - SHIFT_OFFSET, 0, ans.MAX_SHIFT)
 
 
 def _class_histograms(q: np.ndarray, octave: np.ndarray):
