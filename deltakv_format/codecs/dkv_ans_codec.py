@@ -23,7 +23,7 @@ from .dkv_ans import (
     parse_head,
 )
 
-DEFAULT_RATE = 410  # hundredths of a bit per K/V value; see eval/EVAL.md for what each rate measured
+DEFAULT_RATE = 440  # hundredths of a bit per K/V value; see eval/EVAL.md for what each rate measured
 SOURCE_BITS = {GGMLType.F16: 16, GGMLType.BF16: 16, GGMLType.F32: 32}
 # Side information is budgeted as if spread over at least this many rows, so that a short segment
 # (an append of a few tokens) gets the step, hence the quality, of a long one.

@@ -17,6 +17,13 @@ CODEC_ROWS = [
     ("dkv-q4 on K only (V f16)", "dkv-q4", {"v_codec": "f16"}),
     ("dkv-q4 on V only (K f16)", "dkv-q4", {"k_codec": "f16"}),
     ("K q8_0 + V dkv-q4", "dkv-q4", {"k_codec": "q8_0"}),
+    # format v2: dkv-ans (K before rotary embedding, exact sinks, one step, rANS); "rope": False codes
+    # K as it is (what `deltakv convert` without --model writes)
+    ("dkv-ans 4.4 (default)", "dkv-ans", {"rate": 440}),
+    ("dkv-ans 3.0 (--bits 3)", "dkv-ans", {"rate": 300}),
+    ("dkv-ans 4.4, K without RoPE undone", "dkv-ans", {"rate": 440, "rope": False}),
+    ("dkv-ans on K only (V f16)", "dkv-ans", {"rate": 440, "v_codec": "f16"}),
+    ("dkv-ans on V only (K f16)", "dkv-ans", {"rate": 440, "k_codec": "f16"}),
 ]
 REFERENCE_ROWS = ["llama.cpp cache q8_0", "llama.cpp cache q4_0", "f16 noise floor"]
 ROW_LABELS = [label for label, _, _ in CODEC_ROWS] + REFERENCE_ROWS

@@ -163,6 +163,8 @@ def _through_codec(seq_blob: memoryview, codec_name: str, params: dict, tmp: Pat
     state = parse_state(seq_blob, framing=Framing.SEQ_STATE)
     path = tmp / "eval.dkv"
     params = dict(params)
+    if not params.pop("rope", True):
+        rope = None
     per_role = {role: _codec_spec(params.pop(role, None)) for role in ("k_codec", "v_codec")}
     written = write_session(state, path, get_codec(codec_name, **params), rope=rope, **per_role)
     stored = written.stats()["kv_stored_bytes"]
