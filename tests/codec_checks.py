@@ -114,6 +114,9 @@ def check_encode_decode(codec: Codec, rows: np.ndarray, ggml_type) -> dict:
     for role, array in parts.items():
         part = declared[role]
         assert array.shape[0] == expected_rows.get(role, array.shape[0]), (codec, role, array.shape)
+        if part.n_values == 0:  # bytes of one dimension (format v2)
+            assert array.ndim == 1 and array.dtype == np.uint8, (codec, role, array.shape, array.dtype)
+            continue
         row_bytes = ggml_row_bytes(part.ggml_type, part.n_values) if part.ggml_type != GGMLType.I8 else part.n_values
         assert array.ndim == 2 and array.shape[1] * array.itemsize == row_bytes, (codec, role, array.shape, array.dtype)
     assert codec.rows_of_parts(parts) == n_rows
@@ -233,15 +236,19 @@ def check_hostile_parts(codec: Codec, tmp_path) -> None:
         if name not in names:
             continue  # a part with no rows is not stored (SPEC.md 3.1)
         info = names[name]
-        ne0, ne1 = info.shape
 
         def replaced(shape=None, ggml_type=None):
             return [TensorInfo(t.name, shape or t.shape, t.ggml_type if ggml_type is None else ggml_type, t.offset)
                     if t.name == name else t for t in infos]
 
-        refused(replaced(shape=(ne0, ne1 - 1)), f"part {role} one row short")
-        block = 32 if info.ggml_type in (GGMLType.Q4_0, GGMLType.Q8_0) else 1
-        refused(replaced(shape=(ne0 - block, ne1)), f"part {role} rows of {ne0 - block} values")
+        if len(info.shape) == 1:  # bytes of one dimension: a byte short, or a second dimension
+            refused(replaced(shape=(info.shape[0] - 1,)), f"part {role} one byte short")
+            refused(replaced(shape=(1, info.shape[0])), f"part {role} of two dimensions")
+        else:
+            ne0, ne1 = info.shape
+            refused(replaced(shape=(ne0, ne1 - 1)), f"part {role} one row short")
+            block = 32 if info.ggml_type in (GGMLType.Q4_0, GGMLType.Q8_0) else 1
+            refused(replaced(shape=(ne0 - block, ne1)), f"part {role} rows of {ne0 - block} values")
         other_type = GGMLType.I8 if info.ggml_type != GGMLType.I8 else GGMLType.F16
         refused(replaced(ggml_type=other_type), f"part {role} of type {other_type.name}")
         refused([t for t in infos if t.name != name], f"part {role} missing")

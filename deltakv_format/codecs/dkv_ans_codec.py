@@ -131,7 +131,7 @@ class DkvAnsCodec(Codec):
         n, width = rows.shape
         first_row = 0 if context is None else context.first_row
         n_sink = self.n_sink(n, first_row)
-        parts = {"sink": rows[:n_sink].copy()}
+        parts = {"sink": rows[:n_sink].copy(), "head": np.empty(0, np.uint8), "data": np.empty(0, np.uint8)}
         coded = n - n_sink
         if coded == 0:
             return parts
