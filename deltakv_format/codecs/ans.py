@@ -196,70 +196,100 @@ def _uniform(x, words, w, w_end, bits):
     return v, x, w, bad
 
 
+@njit(cache=True)
+def build_decode_table(freqs):
+    """Per class and 12-bit slot: symbol | frequency << 5 | (slot - cumulative frequency) << 18."""
+    n_classes = freqs.shape[0]
+    table = np.empty((n_classes, PROB_SCALE), np.uint32)
+    for j in range(n_classes):
+        total = 0
+        for s in range(N_SYMBOLS):
+            f = np.int64(freqs[j, s])
+            for slot in range(total, total + f):
+                table[j, slot] = np.uint32(s | (f << 5) | ((slot - total) << 18))
+            total += f
+    return table
+
+
+@njit(inline="always", cache=True)
+def _next_word(x, words, w, last):
+    """Renormalise: below RANS_LOW the state takes in the next word. Reads past the stream's end are
+    clamped to the array and counted, so the end-of-stream check (w == end) catches them."""
+    if x < RANS_LOW:
+        x = (x << 16) | np.int64(words[min(w, last)])
+        w += 1
+    return x, w
+
+
+@njit(inline="always", cache=True)
+def _uniform_bits(x, words, w, last, bits):
+    """A uniform ``bits``-bit symbol (1..8 bits; frequency 2^(12 - bits) each)."""
+    slot = x & (PROB_SCALE - 1)
+    v = slot >> (PROB_BITS - bits)
+    x = ((x >> PROB_BITS) << (PROB_BITS - bits)) + (slot & ((1 << (PROB_BITS - bits)) - 1))
+    x, w = _next_word(x, words, w, last)
+    return v, x, w
+
+
 @njit(parallel=True, **_JIT)
 def decode_streams(words, starts, n_words, n_rows, stream_rows, classes, shifts, freqs, step, means,
                    kind, table, head_dim, n_rot, mode, row_lo, row_hi, out):
     """Decode coded rows [row_lo, row_hi) into ``out`` (element bits); returns the first corrupt stream or -1.
 
     ``table``: (rows, pairs, 2) f32 cos/sin for the rows [row_lo, row_hi) (unused when mode is 0).
-    A stream read to its end must end in the encoder's initial state having used every word."""
+    A stream read to its end must end in the encoder's initial state having used exactly its words."""
     width = classes.shape[0]
-    lut, cum = build_lookup(freqs)
+    dec = build_decode_table(freqs)
+    column_shift = np.empty(width, np.int64)
+    for c in range(width):
+        column_shift[c] = shifts[classes[c]]
     first_stream = row_lo // stream_rows
     last_stream = (row_hi + stream_rows - 1) // stream_rows
     bad_stream = np.full(max(last_stream - first_stream, 0), -1, np.int64)
     n_heads = width // head_dim if head_dim > 0 else 0
+    last = max(np.int64(n_words) - 1, 0)
     for si in prange(last_stream - first_stream):
         s = first_stream + si
         w = np.int64(starts[s])
         w_end = np.int64(starts[s + 1]) if s + 1 < starts.shape[0] else np.int64(n_words)
         v = np.empty(width, np.float32)
-        if w_end - w < 2:
+        if w_end - w < 2 or w_end > n_words:
             bad_stream[si] = s
             continue
         x = np.int64(words[w]) | (np.int64(words[w + 1]) << 16)
         w += 2
-        bad = x < RANS_LOW
         r0 = s * stream_rows
         r1 = min(r0 + stream_rows, n_rows)
         r_stop = min(r1, row_hi)
         for r in range(r0, r_stop):
-            if bad:
-                break
             for c in range(width):
-                j = classes[c]
-                slot = x & (PROB_SCALE - 1)
-                sym = np.int64(lut[j, slot])
-                x = np.int64(freqs[j, sym]) * (x >> PROB_BITS) + slot - np.int64(cum[j, sym])
-                x, w, bad0 = _renorm(x, words, w, w_end)
-                bad = bad or bad0
+                e = np.int64(dec[classes[c], x & (PROB_SCALE - 1)])
+                sym = e & 31
+                x = ((e >> 5) & 0x1FFF) * (x >> PROB_BITS) + (e >> 18)
+                x, w = _next_word(x, words, w, last)
                 if sym == ESCAPE:
-                    lo8, x, w, bad1 = _uniform(x, words, w, w_end, 8)
-                    hi8, x, w, bad2 = _uniform(x, words, w, w_end, 8)
-                    bad = bad or bad1 or bad2
+                    lo8, x, w = _uniform_bits(x, words, w, last, 8)
+                    hi8, x, w = _uniform_bits(x, words, w, last, 8)
                     u = lo8 | (hi8 << 8)
                     qq = u - 65536 if u >= 32768 else u
                 else:
                     qq = sym - DIRECT_MAX
-                k = np.int64(shifts[j])
+                k = column_shift[c]
                 if k > 0:
-                    k1 = min(k, 8)
-                    low, x, w, bad1 = _uniform(x, words, w, w_end, k1)
-                    bad = bad or bad1
+                    low, x, w = _uniform_bits(x, words, w, last, min(k, 8))
                     if k > 8:
-                        high, x, w, bad2 = _uniform(x, words, w, w_end, k - 8)
-                        bad = bad or bad2
+                        high, x, w = _uniform_bits(x, words, w, last, k - 8)
                         low = low | (high << 8)
                     qq = qq * (1 << k) + low
                 v[c] = np.float32(qq) * step + means[c]
-            if bad:
-                break
+            if w > w_end:
+                break  # ran past its words: corrupt (reported below)
             if r < row_lo:
                 continue
             if mode != ROPE_NONE:
                 _rotate_row(v, table[r - row_lo], n_heads, head_dim, n_rot, mode)
             emit_row(v, 0, out[r - row_lo], 0, width, kind)
-        if bad or (r_stop == r1 and (x != RANS_LOW or w != w_end)):
+        if w > w_end or (r_stop == r1 and (x != RANS_LOW or w != w_end)):
             bad_stream[si] = s
     for si in range(bad_stream.shape[0]):
         if bad_stream[si] >= 0:

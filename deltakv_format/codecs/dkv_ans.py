@@ -128,7 +128,7 @@ def parse_head(raw: np.ndarray, n_values: int, rows: int | None, stream_rows: in
 # ---- the encoder (not normative) -----------------------------------------------------------------
 
 MAX_CODE = 30000  # |q| stays below 2^15 so an escape's 16 bits hold q >> shift
-SEARCH_ROWS = 512  # rows the rate search looks at (evenly spread over the segment)
+SEARCH_ROWS = 256  # rows the rate search looks at (evenly spread over the segment)
 
 
 CLASS_BINS_PER_OCTAVE = 3  # finer classes fit each column's spread better; each costs a 66-byte table
@@ -149,21 +149,14 @@ def _shift_of_octave(key: np.ndarray) -> np.ndarray:
 
 def _class_histograms(q: np.ndarray, octave: np.ndarray):
     """(class keys, per-class symbol counts, escape count, raw bits) of codes q by column octave."""
-    keys = np.unique(octave)
-    counts = np.zeros((len(keys), ans.N_SYMBOLS), np.int64)
-    raw_bits = 0
-    escapes = 0
-    for j, key in enumerate(keys):
-        cols = octave == key
-        k = int(_shift_of_octave(np.array([key]))[0])
-        high = q[:, cols].astype(np.int64) >> k
-        direct = np.abs(high) <= ans.DIRECT_MAX
-        counts[j, :ans.ESCAPE] = np.bincount((high[direct] + ans.DIRECT_MAX).ravel(), minlength=ans.ESCAPE)[:ans.ESCAPE]
-        n_escape = int((~direct).sum())
-        counts[j, ans.ESCAPE] = n_escape
-        escapes += n_escape
-        raw_bits += k * high.size
-    return keys, counts, escapes, raw_bits
+    keys, column_class = np.unique(octave, return_inverse=True)
+    shift = _shift_of_octave(octave)
+    high = q.astype(np.int64) >> shift[None, :]
+    symbol = np.where(np.abs(high) <= ans.DIRECT_MAX, high + ans.DIRECT_MAX, ans.ESCAPE)
+    index = column_class[None, :] * ans.N_SYMBOLS + symbol
+    counts = np.bincount(index.ravel(), minlength=len(keys) * ans.N_SYMBOLS).reshape(len(keys), ans.N_SYMBOLS)
+    raw_bits = int(shift.sum()) * q.shape[0]
+    return keys, counts, int(counts[:, ans.ESCAPE].sum()), raw_bits
 
 
 def _entropy_bits(counts: np.ndarray) -> float:
