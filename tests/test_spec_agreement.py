@@ -38,7 +38,7 @@ def test_every_registered_codec_states_its_error_bound():
     """SPEC.md 6.4 has one row per codec, and the constants the bounds use are the ones it states."""
     from deltakv_format.codecs import bounds
 
-    section = SPEC[SPEC.index("### 6.4 Error bounds"):SPEC.index("## 7. Reading")]
+    section = SPEC[SPEC.index("### 6.4 Error bounds"):SPEC.index("### 6.5 dkv-ans")]
     rows = re.findall(r"^\| `([a-z0-9_-]+)` \|", section, re.M)
     assert rows == list(CODEC_CLASSES)
     assert f"`α = {bounds.SEARCH_ALPHA}`" in section
@@ -106,3 +106,23 @@ def test_tensor_names_and_track_ids_are_the_spec_templates():
     assert "`s{stream}.l{i}.k`" in SPEC and "`s{stream}.l{i}.v`" in SPEC
     assert TrackId(3, 5, "v").name == "s3.l5.v" and TrackId(0, 1, "k").part_tensor(2, "q4") == "s0.l1.k.2.q4"
     assert parse_track_part("s0.l1.k.2.q4") == (TrackId(0, 1, "k"), 2, "q4") and parse_track_part("s0.cells.0") is None
+
+
+def test_version_2_and_readable_versions():
+    assert constants.FORMAT_VERSION == 2 and constants.READABLE_VERSIONS == (1, 2)
+    versions = _spec_section("### 2.2 Versioning", "## 3.")
+    assert "`2` for this document" in versions and "MUST read versions `1` and `2`" in versions
+    assert "- 2 (" in _spec_section("## 9. Version history", "\x00")
+
+
+def test_dkv_ans_parameters_and_head_layout_are_the_code():
+    """SPEC.md 6.5's parameter table is the codec's parameters and defaults; the head size formula is
+    the parser's."""
+    from deltakv_format.codecs import dkv_ans
+
+    section = _spec_section("### 6.5 dkv-ans", "## 7. Reading")
+    table = dict(re.findall(r"^\| `([a-z0-9_]+)` \| (\d+) \|", section, re.M))
+    codec = get_codec("dkv-ans")
+    assert {k: int(v) for k, v in table.items()} == type(codec).parameters
+    assert "`12 + 3C + 66 n_classes + 4 n_streams`" in section
+    assert dkv_ans.head_bytes(64, 5, 3) == 12 + 3 * 64 + 66 * 5 + 4 * 3 and dkv_ans.CLASS_BYTES == 66

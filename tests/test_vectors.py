@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from deltakv_format import reference
-from deltakv_format.codecs import CODEC_CLASSES, Codec
+from deltakv_format import constants
+from deltakv_format.codecs import CODEC_CLASSES, Codec, TrackContext
 from deltakv_format.constants import GGMLType
 
 from .conftest import VECTORS
@@ -28,9 +29,29 @@ def load(name):
     parts = {}
     for role, p in v["parts"].items():
         raw = np.frombuffer(bytes.fromhex(p["hex"]), PART_DTYPES.get(p["ggml_type"], np.uint8))
-        parts[role] = raw.reshape(p["rows"], -1) if p["rows"] else raw.reshape(0, 1)
+        if p["values_per_row"] == 0:  # a part of one dimension (SPEC.md 3.1): its bytes
+            parts[role] = raw
+        else:
+            parts[role] = raw.reshape(p["rows"], -1) if p["rows"] else raw.reshape(0, p["values_per_row"])
     decoded = np.frombuffer(bytes.fromhex(v["decoded_hex"]), BITS[v["source_type"]])
     return v, ggml_type, rows, parts, decoded.reshape(v["rows"], -1)
+
+
+def context(v):
+    """The TrackContext a vector records (codecs that take one), else None."""
+    if "first_row" not in v:
+        return None
+    positions = None if v["positions"] is None else np.array(v["positions"], np.int32)
+    return TrackContext(positions=positions, first_row=v["first_row"])
+
+
+def reference_decode(v, parts, ggml_type):
+    cfg = v["codec"]
+    params = {k: x for k, x in cfg.items() if k not in ("codec", "keyframe_interval", "rotation")}
+    ctx = context(v)
+    return reference.decode_parts(cfg["codec"], parts, ggml_type, cfg["keyframe_interval"], cfg["rotation"],
+                                  params=dict(params, n_values=v["values_per_row"]),
+                                  positions=None if ctx is None else ctx.positions)
 
 
 def test_manifest_lists_every_codec():
@@ -43,7 +64,7 @@ def test_manifest_lists_every_codec():
 def test_reference_encoder_reproduces_stored_parts(name):
     v, ggml_type, rows, parts, _ = load(name)
     codec = Codec.from_config(v["codec"])
-    encoded = codec.encode(rows, ggml_type)
+    encoded = codec.encode(rows, ggml_type, context=context(v))
     assert set(encoded) == set(parts)
     for role in parts:
         assert np.ascontiguousarray(encoded[role]).tobytes() == parts[role].tobytes(), f"part {role} differs"
@@ -53,38 +74,97 @@ def test_reference_encoder_reproduces_stored_parts(name):
 def test_numba_decoder_reproduces_vector(name):
     v, ggml_type, rows, parts, decoded = load(name)
     codec = Codec.from_config(v["codec"])
-    out = codec.decode(parts, ggml_type, v["values_per_row"], 0, v["rows"])
+    ctx = context(v)
+    out = codec.decode(parts, ggml_type, v["values_per_row"], 0, v["rows"], context=ctx)
     assert out.view(np.uint8).tobytes() == decoded.tobytes()
     # any sub-range decodes to the same rows (random access through the index)
     for lo, hi in [(0, 1), (1, v["rows"]), (v["rows"] // 2, v["rows"]), (v["rows"] - 1, v["rows"])]:
-        part = codec.decode(parts, ggml_type, v["values_per_row"], lo, hi)
+        part = codec.decode(parts, ggml_type, v["values_per_row"], lo, hi, context=ctx)
         assert part.view(np.uint8).tobytes() == decoded[lo:hi].tobytes(), (lo, hi)
 
 
 @pytest.mark.parametrize("name", MANIFEST)
 def test_numpy_reference_decoder_reproduces_vector(name):
     v, ggml_type, rows, parts, decoded = load(name)
-    cfg = v["codec"]
-    out = reference.decode_parts(cfg["codec"], parts, ggml_type, cfg["keyframe_interval"], cfg["rotation"])
+    out = reference_decode(v, parts, ggml_type)
     assert np.ascontiguousarray(out).view(np.uint8).tobytes() == decoded.tobytes()
 
 
-def test_session_vector_container_bytes_and_restore():
-    """A whole .dkv: converting the fixture gives exactly these bytes, and it restores to a known state."""
+V1_CODECS = {"raw", "f16", "q8_0", "q4_0", "delta-q4_0", "dkv-q4"}
+
+
+def test_version_1_vectors_decode_unchanged():
+    """Every vector of version 1 (the codecs version 1 had) decodes with this (version 2) code to the
+    rows version 1 recorded, by the Numba and the reference decoders; version 2 vectors are dkv-ans."""
+    versions = {}
+    for name in MANIFEST:
+        v, ggml_type, rows, parts, decoded = load(name)
+        versions.setdefault(v["spec_version"], set()).add(v["codec"]["codec"])
+        if v["spec_version"] != 1:
+            continue
+        codec = Codec.from_config(v["codec"])
+        assert codec.decode(parts, ggml_type, v["values_per_row"], 0, v["rows"]).tobytes() == decoded.tobytes(), name
+        assert np.ascontiguousarray(reference_decode(v, parts, ggml_type)).tobytes() == decoded.tobytes(), name
+    assert versions == {1: V1_CODECS, 2: {"dkv-ans"}}
+
+
+SESSIONS = ["smollm2_v10_fa1.dkv", "smollm2_v10_fa1_ans.dkv"]
+
+
+def _sha(path):
     import hashlib
-    import tempfile
-    from pathlib import Path
 
-    from deltakv_format.operations import convert, restore
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    meta = json.loads((VECTORS / "smollm2_v10_fa1.dkv.json").read_text())
-    golden = VECTORS / "smollm2_v10_fa1.dkv"
+
+def _make_vectors():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_vectors", VECTORS.parent / "make_vectors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", SESSIONS)
+def test_session_vector_container_bytes_and_restore(name, tmp_path):
+    """A whole .dkv of this version: writing the fixture gives exactly these bytes, and it restores to a
+    known state (dkv-q4; dkv-ans with SmolLM2's rotary parameters, so K decodes through cell positions)."""
+    from deltakv_format.container import DkvFile
+    from deltakv_format.operations import restore
+
+    meta = json.loads((VECTORS / f"{name}.json").read_text())
+    golden = VECTORS / name
     assert golden.exists(), "golden .dkv missing"
     source = VECTORS.parent.parent / "fixtures" / meta["source_fixture"]
-    assert hashlib.sha256(source.read_bytes()).hexdigest() == meta["source_sha256"]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "x.dkv"
-        convert(source, out, codec=meta["codec"])
-        assert out.read_bytes() == golden.read_bytes()
-        restore(golden, Path(tmp) / "r.bin")
-        assert hashlib.sha256((Path(tmp) / "r.bin").read_bytes()).hexdigest() == meta["restored_sha256"]
+    assert _sha(source) == meta["source_sha256"]
+    with DkvFile(golden) as f:
+        assert f.value("deltakv.version") == meta["spec_version"] == constants.FORMAT_VERSION
+        assert set(f.value("deltakv.track.codec")) == {meta["codec"]}
+    out = tmp_path / "x.dkv"
+    _make_vectors().write_session_vector(source, out, meta["codec"], meta.get("rope"))
+    assert out.read_bytes() == golden.read_bytes()
+    restore(golden, tmp_path / "r.bin")
+    assert _sha(tmp_path / "r.bin") == meta["restored_sha256"]
+
+
+def test_version_1_session_reads_with_this_version(tmp_path):
+    """The session file version 1 wrote (spec/vectors/v1, never rewritten) still says version 1, has
+    no version 2 key, and restores to the state it restored to then, equal to what this version's file
+    of the same session and codec restores to."""
+    from deltakv_format.container import DkvFile
+    from deltakv_format.operations import restore
+    from deltakv_format.session import DkvSession
+
+    old = VECTORS / "v1" / "smollm2_v10_fa1.dkv"
+    meta = json.loads((VECTORS / "v1" / "smollm2_v10_fa1.dkv.json").read_text())
+    with DkvFile(old) as f:
+        assert f.value("deltakv.version") == 1 and 1 in constants.READABLE_VERSIONS
+        assert "deltakv.track.params" not in f.kvs
+    restore(old, tmp_path / "r.bin")
+    assert _sha(tmp_path / "r.bin") == meta["restored_sha256"]
+    assert meta["restored_sha256"] == json.loads((VECTORS / "smollm2_v10_fa1.dkv.json").read_text())["restored_sha256"]
+    with DkvSession(old) as old_session, DkvSession(VECTORS / "smollm2_v10_fa1.dkv") as new_session:
+        assert [t.codec.get_config() for t in old_session.tracks] == [t.codec.get_config() for t in new_session.tracks]
+        for t in old_session.tracks[:4]:
+            assert old_session.rows(t.name).tobytes() == new_session.rows(t.name).tobytes()
