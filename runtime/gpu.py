@@ -41,8 +41,11 @@ from deltakv_format.codecs import (
     Q8_0Codec,
     check_finite,
 )
+from deltakv_format.codecs.dkv_ans_codec import DkvAnsCodec
+from deltakv_format.codecs import ans as _ans
+from deltakv_format.codecs.dkv_ans import parse_head as _parse_ans_head
 from deltakv_format.constants import FLOAT_TYPES, GGMLType, ggml_row_bytes
-from deltakv_format.errors import CodecError
+from deltakv_format.errors import CodecError, CorruptError
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 BUILD_DIR = Path(__file__).resolve().parent / "build"
@@ -180,6 +183,11 @@ _SIGNATURES = {
     "dkv_encode_q8_0": ([_P, _I, _I64, _I64, _P, _P], _I),
     "dkv_encode_q4_0": ([_P, _I, _I64, _I64, _P, _P], _I),
     "dkv_encode_delta": ([_P, _I, _I64, _I64, _I64, _I, _I, _I, _P, _P, _P, _P], _I),
+    "dkv_rope_table": ([_P, _I64, _P, _I64, _P, _P], _I),
+    "dkv_decode_ans": ([_P, _P, _I64, _I64, _I64, _P, _P, _P, _I, _F, _P, _I64, _I, _P, _I64, _I64, _I, _I64, _I64,
+                        _P, _P, _P], _I),
+    "dkv_stream_create": ([ctypes.POINTER(_P)], _I),
+    "dkv_stream_destroy": ([_P], _I),
 }
 
 
@@ -351,26 +359,29 @@ def _part_shapes(codec: Codec, ggml_type: int, n_rows: int, n_values: int) -> di
 
 
 def decode(codec: Codec, parts: dict, ggml_type: int, n_values: int, row_lo: int, row_hi: int, *,
-           backend: str | None = None) -> np.ndarray:
+           backend: str | None = None, context=None) -> np.ndarray:
     """Rows [row_lo, row_hi) of one segment, decoded on the GPU: ``codec.decode`` bit for bit.
 
     ``parts`` are the segment's parts as host arrays (``Codec.encode``'s output); the result is a
     (row_hi - row_lo) x n_values array of element bits (uint16 for F16/BF16, uint32 for F32).
-    A codec without GPU kernels (raw: a byte copy) decodes on the CPU.
+    A codec without GPU kernels (raw: a byte copy) decodes on the CPU. ``context``: the
+    :class:`TrackContext` (cell positions) of codecs with ``takes_context`` (dkv-ans).
     """
     kernels = CODEC_KERNELS.kernels_for(codec)
+    extra = (context,) if codec.takes_context else ()
     if kernels is None:
-        return codec.decode(parts, ggml_type, n_values, row_lo, row_hi)
-    return kernels.decode(codec, parts, ggml_type, n_values, row_lo, row_hi, backend=backend)
+        return codec.decode(parts, ggml_type, n_values, row_lo, row_hi, None, *extra)
+    return kernels.decode(codec, parts, ggml_type, n_values, row_lo, row_hi, *extra, backend=backend)
 
 
 def encode(codec: Codec, rows: np.ndarray, ggml_type: int, *, where: str = "track",
-           backend: str | None = None) -> dict[str, np.ndarray]:
+           backend: str | None = None, context=None) -> dict[str, np.ndarray]:
     """Encode one segment's rows (element bits) on the GPU: ``codec.encode`` bit for bit."""
     kernels = CODEC_KERNELS.kernels_for(codec)
+    extra = (context,) if codec.takes_context else ()
     if kernels is None:
-        return codec.encode(rows, ggml_type, where)
-    return kernels.encode(codec, rows, ggml_type, where, backend=backend)
+        return codec.encode(rows, ggml_type, where, *extra)
+    return kernels.encode(codec, rows, ggml_type, where, *extra, backend=backend)
 
 
 def kernels_for(codec: Codec):
@@ -472,3 +483,66 @@ CODEC_KERNELS.register(Q4_0Codec, encode=_encode_with(_launch_encode_data("encod
 # one kernel pair serves both delta codecs: the codec's adaptive / search flags select the variant
 CODEC_KERNELS.register(DeltaQ4_0Codec, DkvQ4Codec, encode=_encode_with(_launch_encode_delta),
                        decode=_decode_with(_launch_decode_delta))
+
+
+# ---- dkv-ans: decode on the GPU (one thread per rANS stream), encode on the CPU -------------------
+
+
+def _encode_ans(codec, rows, ggml_type, where="track", context=None, *, backend=None):
+    """dkv-ans encodes on the CPU (quantisation, table choice and stream coding: the Numba encoder)."""
+    return codec._encode(rows, ggml_type, where, context)
+
+
+def _decode_ans(codec, parts, ggml_type, n_values, row_lo, row_hi, context=None, *, backend=None):
+    """``DkvAnsCodec._decode`` on the GPU: sink rows copied, coded rows decoded by dkv_decode_ans
+    (positions -> cos/sin by dkv_rope_table on the device), a corrupt stream raises CorruptError."""
+    if not codec.accepts(ggml_type, n_values):
+        raise CodecError(f"codec {codec.name} cannot decode a {GGMLType(ggml_type).name} track of {n_values} values")
+    kind = _kind(ggml_type)
+    dtype = BITS_DTYPE[GGMLType(ggml_type)]
+    if codec.rope == _ans.ROPE_NEOX and codec.rope_dims > 256:
+        return codec._decode(parts, ggml_type, n_values, row_lo, row_hi, None, context)  # beyond the kernel's buffer
+    out = np.empty((max(row_hi - row_lo, 0), n_values), dtype)
+    if row_hi <= row_lo:
+        return out
+    sink = parts["sink"]
+    n_sink = sink.shape[0]
+    if row_lo < n_sink:
+        out[:min(row_hi, n_sink) - row_lo] = sink[row_lo:min(row_hi, n_sink)]
+    clo, chi = max(row_lo, n_sink) - n_sink, row_hi - n_sink
+    if chi <= clo:
+        return out
+    where = "dkv-ans segment"
+    data = np.ascontiguousarray(parts["data"]).view(np.uint8).reshape(-1)
+    if data.size % 2:
+        raise CorruptError(f"{where}: data part of {data.size} bytes, expected an even count")
+    words = data.view("<u2")
+    head = _parse_ans_head(np.ascontiguousarray(parts["head"]).view(np.uint8).reshape(-1), n_values, None,
+                           codec.stream_rows, words.size, where)
+    if chi > head.n_rows:
+        raise CorruptError(f"{where}: rows up to {chi} asked of {head.n_rows} coded rows")
+    n_out = chi - clo
+    k = load(backend)
+    with _Device(k) as dev:
+        table = None
+        n_pairs = codec.rope_dims // 2 if codec.rope else 0
+        if codec.rope:
+            positions = codec._positions(context, n_sink + clo, n_sink + chi, where).astype(np.int32)
+            table = dev.alloc(n_out * n_pairs * 8)
+            k.rope_table(dev.put(positions), n_out, dev.put(np.ascontiguousarray(codec.thetas, np.float32)), n_pairs,
+                         table, None)
+        d_out = dev.alloc(n_out * n_values * np.dtype(dtype).itemsize)
+        bad = dev.alloc(8)
+        k.decode_ans(dev.put(words), dev.put(head.starts.astype(np.uint32)), words.size, head.n_rows, codec.stream_rows,
+                     dev.put(head.classes.astype(np.uint8)), dev.put(head.shifts.astype(np.uint8)),
+                     dev.put(head.freqs.astype(np.uint16)), len(head.shifts), ctypes.c_float(float(head.step)),
+                     dev.put(head.means.astype(np.float32)), n_values, kind, table, codec.head_dim, codec.rope_dims,
+                     codec.rope, clo, chi, d_out, bad, None)
+        first_bad = int(dev.get(bad, (1,), np.int64)[0])
+        if first_bad >= 0:
+            raise CorruptError(f"{where}: rANS stream {first_bad} does not decode to its rows (damaged data)")
+        out[max(row_lo, n_sink) - row_lo:] = dev.get(d_out, (n_out, n_values), dtype)
+    return out
+
+
+CODEC_KERNELS.register(DkvAnsCodec, encode=_encode_ans, decode=_decode_ans)

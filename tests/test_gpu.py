@@ -344,3 +344,225 @@ def test_accelerated_session_write_and_read_give_the_cpu_bytes(tmp_path):
     assert (tmp_path / "gpu.dkv").read_bytes() == (tmp_path / "cpu.dkv").read_bytes()
     with DkvSession(tmp_path / "cpu.dkv") as s:
         assert payloads(s.to_llama_state()) == on_gpu
+
+
+# ---- dkv-ans: decode on the GPU (one thread per rANS stream), bit for bit with ans.decode_streams ----
+
+from deltakv_format.codecs.dkv_ans import TrackContext, parse_head  # noqa: E402
+from deltakv_format.codecs.dkv_ans_codec import DkvAnsCodec  # noqa: E402
+from deltakv_format.errors import CorruptError  # noqa: E402
+
+ANS_ROPES = [("none", 0, 0, 0.0), ("norm", 64, 64, 100000.0), ("neox", 64, 128, 500000.0), ("neox", 32, 64, 10000.0)]
+
+
+def ans_codec(kind, n_rot, head_dim, base, stream_rows, **kw) -> DkvAnsCodec:
+    codec = get_codec("dkv-ans", stream_rows=stream_rows, **kw)
+    if kind == "none":
+        return codec
+    theta = float(np.float32(base) ** np.float32(-2.0 / n_rot))
+    return DkvAnsCodec.with_rope(codec, kind, n_rot, head_dim, theta)
+
+
+def k_like(rng, n_rows, n_values, ggml_type, positions, head_dim, n_rot, base, outliers=False):
+    """Key-like rows: per-channel means and spreads (some channels wide), rotated by the positions."""
+    mean = rng.standard_normal(n_values) * 2
+    spread = np.exp(rng.standard_normal(n_values)) * 0.3
+    spread[rng.random(n_values) < 0.05] *= 30  # wide channels: class shifts > 0
+    v = mean + rng.standard_normal((n_rows, n_values)) * spread
+    if outliers:  # a narrow column with rare large outliers: escapes
+        c = n_values // 3
+        v[:, c] = mean[c] + rng.standard_normal(n_rows) * 0.01
+        hit = rng.choice(np.arange(4, n_rows), max(1, n_rows // 40), replace=False)
+        v[hit, c] += rng.choice([-1000.0, 1000.0], hit.size)
+    if n_rot:
+        inv = np.float64(base) ** (-np.arange(0, n_rot, 2) / n_rot)
+        ang = positions[:, None].astype(np.float64) * inv[None, :]
+        for h in range(n_values // head_dim):
+            a = v[:, h * head_dim: h * head_dim + n_rot // 2].copy()
+            b = v[:, h * head_dim + n_rot // 2: h * head_dim + n_rot].copy()
+            v[:, h * head_dim: h * head_dim + n_rot // 2] = a * np.cos(ang) - b * np.sin(ang)
+            v[:, h * head_dim + n_rot // 2: h * head_dim + n_rot] = a * np.sin(ang) + b * np.cos(ang)
+    return as_bits(np.clip(v, -60000, 60000).astype(np.float32), ggml_type)
+
+
+def check_ans(codec, rows, ggml_type, positions, ranges=(), first_row=0):
+    n_rows, n_values = rows.shape
+    ctx = TrackContext(positions=positions, first_row=first_row)
+    parts = codec.encode(rows, ggml_type, "test", ctx)
+    assert_parts_equal(gpu.encode(codec, rows, ggml_type, context=ctx), parts)  # CPU encoder behind the registry
+    for lo, hi in [(0, n_rows), *ranges]:
+        ref = codec.decode(parts, ggml_type, n_values, lo, hi, None, ctx)
+        out = gpu.decode(codec, parts, ggml_type, n_values, lo, hi, context=ctx)
+        try:
+            assert_bits_equal(out, ref)
+        except BaseException as e:
+            raise AssertionError(f"rows [{lo}, {hi}): {e}") from e
+    return parts
+
+
+@pytest.mark.parametrize("stream_rows", [1, 7, 32])
+@pytest.mark.parametrize("rope", ANS_ROPES, ids=lambda r: f"{r[0]}{r[1]}")
+@pytest.mark.parametrize("ggml_type", FLOATS, ids=lambda t: GGMLType(t).name)
+def test_ans_random_parity(ggml_type, rope, stream_rows):
+    kind, n_rot, head_dim, base = rope
+    rng = np.random.default_rng(hash((kind, n_rot, stream_rows, int(ggml_type))) % 2**32)
+    n_rows = 75 if EMULATED else 1000
+    n_values = 256
+    positions = (np.arange(n_rows) * 2 + int(rng.integers(0, 50000))).astype(np.int32)
+    rows = k_like(rng, n_rows, n_values, ggml_type, positions, head_dim, n_rot, base, outliers=True)
+    codec = ans_codec(kind, n_rot, head_dim, base, stream_rows)
+    parts = check_ans(codec, rows, ggml_type, positions,
+                      ranges=[(0, 1), (0, 4), (3, 17), (4, 5), (n_rows - 5, n_rows), (13, 14), (n_rows // 2, n_rows)])
+    head = parse_head(parts["head"], n_values, None, stream_rows, parts["data"].size // 2, "test")
+    assert parts["sink"].shape[0] == 4 and int(head.shifts.max()) > 0, "expected sinks and classes with shifts"
+
+
+def test_ans_escapes_are_exercised():
+    """The outlier column makes escape symbols (31): decoded values far beyond the direct range."""
+    rng = np.random.default_rng(7)
+    n_rows, n_values = 64, 96
+    positions = np.arange(n_rows, dtype=np.int32)
+    rows = k_like(rng, n_rows, n_values, F32, positions, 0, 0, 0.0, outliers=True)
+    codec = ans_codec("none", 0, 0, 0.0, 16)
+    parts = check_ans(codec, rows, F32, positions, ranges=[(5, 40)])
+    head = parse_head(parts["head"], n_values, None, 16, parts["data"].size // 2, "test")
+    c = n_values // 3
+    j = int(head.classes[c])
+    assert head.freqs[j, 31] > 0, "the outlier column's class has no escape symbol"
+
+
+@pytest.mark.parametrize("ggml_type", [F16, BF16], ids=lambda t: GGMLType(t).name)
+def test_ans_large_positions_and_odd_widths(ggml_type):
+    """Positions up to 2^31 - 1 (range reduction of large angles), widths not multiples of 32, a
+    segment that does not start at stream row 0 (no sinks), stream_rows 5, freq_scale != 1."""
+    rng = np.random.default_rng(11)
+    n_rows = 50 if EMULATED else 600
+    for kind, n_rot, head_dim, n_values in (("norm", 6, 10, 30), ("neox", 4, 6, 42), ("none", 0, 0, 37)):
+        positions = np.sort(rng.integers(0, 2**31 - 1, n_rows)).astype(np.int32)
+        positions[-1] = 2**31 - 1
+        rows = k_like(rng, n_rows, n_values, ggml_type, positions, head_dim or 1, n_rot, 10000.0)
+        codec = get_codec("dkv-ans", stream_rows=5)
+        if kind != "none":
+            theta = float(np.float32(10000.0) ** np.float32(-2.0 / n_rot))
+            codec = DkvAnsCodec.with_rope(codec, kind, n_rot, head_dim, theta, freq_scale=0.25)
+        check_ans(codec, rows, ggml_type, positions, ranges=[(7, 23), (n_rows - 1, n_rows)], first_row=100)
+
+
+def test_ans_corrupt_streams_raise_like_the_cpu():
+    rng = np.random.default_rng(3)
+    n_rows, n_values = 40, 64
+    positions = np.arange(n_rows, dtype=np.int32)
+    rows = k_like(rng, n_rows, n_values, F16, positions, 64, 64, 10000.0)
+    codec = ans_codec("norm", 64, 64, 10000.0, 8)
+    ctx = TrackContext(positions=positions)
+    parts = codec.encode(rows, F16, "test", ctx)
+    head = parse_head(parts["head"], n_values, None, 8, parts["data"].size // 2, "test")
+    words = parts["data"].view("<u2")
+    cases = []
+    for s in (1, 3):  # flip a word in the middle of stream s
+        w = words.copy()
+        mid = (int(head.starts[s]) + int(head.starts[s + 1])) // 2
+        w[mid] ^= 0x5A5A
+        cases.append(w)
+    w = words.copy()
+    w[-1] ^= 0x0001  # the last stream's final state
+    cases.append(w)
+    rng2 = np.random.default_rng(4)
+    cases.append(rng2.integers(0, 2**16, words.size, dtype=np.uint16))  # random words
+    raised = 0
+    for w in cases:
+        damaged = dict(parts, data=w.view(np.uint8).copy())
+        for lo, hi in ((0, n_rows), (10, 30), (0, 9)):
+            try:
+                ref = codec.decode(damaged, F16, n_values, lo, hi, None, ctx)
+            except CorruptError as cpu_err:
+                raised += 1
+                with pytest.raises(CorruptError) as gpu_err:
+                    gpu.decode(codec, damaged, F16, n_values, lo, hi, context=ctx)
+                assert str(gpu_err.value) == str(cpu_err), (lo, hi)
+            else:  # damage that the streams read here cannot see: the same rows
+                assert_bits_equal(gpu.decode(codec, damaged, F16, n_values, lo, hi, context=ctx), ref)
+    assert raised >= 4
+
+
+def _fixture_kv_with_positions():
+    from deltakv_format.llama_state import parse_state
+    from deltakv_format.session_cells import cell_positions
+
+    out = []
+    for path in sorted(FIXTURES.glob("*.ggsq")):
+        try:
+            state = parse_state(path.read_bytes())
+        except Exception:  # noqa: BLE001
+            continue
+        rope = ("norm", 64, 64, 100000.0) if path.name.startswith("smollm2") else ("neox", 256, 256, 1e6)
+        for si, sec in enumerate(state.kv_sections):
+            for st in sec.streams:
+                if st.cell_count == 0:
+                    continue
+                positions = cell_positions(st.cells, st.cell_count, st.cell_ext_bytes)
+                for role, tensors in (("k", st.k), ("v", st.v)):
+                    for li, t in enumerate(tensors):
+                        if t.is_float and t.cell_count > 0:
+                            out.append((f"{path.name}:{si}:{role}{li}", role, rope, t.ggml_type,
+                                        np.ascontiguousarray(t.rows()), positions[:t.cell_count]))
+    return out
+
+
+@pytest.mark.parametrize("stream_rows", [7, 32])
+def test_ans_real_kv_fixtures(stream_rows):
+    """Real K (rotary undone with the model's parameters) and V of the fixtures' states."""
+    tracks = _fixture_kv_with_positions()
+    if not tracks:
+        pytest.skip("no float K/V tensors with cells in fixtures/*.ggsq")
+    checked = 0
+    for label, role, rope, ggml_type, rows, positions in tracks[: (8 if EMULATED else None)]:
+        kind, n_rot, head_dim, base = rope if role == "k" else ("none", 0, 0, 0.0)
+        codec = ans_codec(kind, n_rot, head_dim, base, stream_rows)
+        if not codec.accepts(ggml_type, rows.shape[1]):
+            continue
+        try:
+            check_ans(codec, rows, ggml_type, positions, ranges=[(1, rows.shape[0]), (5, min(rows.shape[0], 40))])
+        except AssertionError as e:
+            raise AssertionError(f"{label}: {e}") from e
+        checked += 1
+    assert checked > 0
+
+
+def test_ans_routes_through_codec_decode_with_the_accelerator():
+    """Codec.decode with the accelerator on goes to the GPU kernels (context passed positionally)."""
+    from deltakv_format.codecs import use_accelerator
+
+    rng = np.random.default_rng(21)
+    positions = np.arange(30, dtype=np.int32) + 1000
+    rows = k_like(rng, 30, 128, F16, positions, 128, 128, 500000.0)
+    codec = ans_codec("norm", 128, 128, 500000.0, 4)
+    ctx = TrackContext(positions=positions)
+    parts = codec.encode(rows, F16, "t", ctx)
+    want = codec.decode(parts, F16, 128, 2, 30, None, ctx)
+    calls = []
+    real = gpu.CODEC_KERNELS.kernels_for(codec).decode
+
+    class Spy:
+        def kernels_for(self, c):
+            k = gpu.kernels_for(c)
+            if k is None or type(c) is not DkvAnsCodec:
+                return k
+
+            class K:
+                encode = k.encode
+
+                @staticmethod
+                def decode(*a, **kw):
+                    calls.append(a[-1])
+                    return real(*a, **kw)
+
+            return K
+
+    previous = use_accelerator(Spy())
+    try:
+        got = codec.decode(parts, F16, 128, 2, 30, None, ctx)
+    finally:
+        use_accelerator(previous)
+    assert calls and calls[0] is ctx
+    assert_bits_equal(got, want)

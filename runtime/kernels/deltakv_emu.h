@@ -219,6 +219,9 @@ static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
 static inline cudaError_t cudaMemGetInfo(size_t* f, size_t* t) { *f = *t = (size_t)1 << 32; return cudaSuccess; }
 static inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 0; return cudaSuccess; }
 static inline cudaError_t cudaDriverGetVersion(int* v) { *v = 0; return cudaSuccess; }
+#define cudaStreamNonBlocking 1
+static inline cudaError_t cudaStreamCreateWithFlags(void** s, unsigned) { *s = new int(0); return cudaSuccess; }
+static inline cudaError_t cudaStreamDestroy(void* s) { delete (int*)s; return cudaSuccess; }
 #include <chrono>
 static inline cudaError_t cudaEventCreate(void** e) { *e = new double(0); return cudaSuccess; }
 static inline cudaError_t cudaEventDestroy(void* e) { delete (double*)e; return cudaSuccess; }

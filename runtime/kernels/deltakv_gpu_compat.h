@@ -24,6 +24,9 @@ typedef void* dkvEvent;
 #define DKV_FADD(a, b) ((float)(a) + (float)(b))
 #define DKV_FMUL(a, b) ((float)(a) * (float)(b))
 #define DKV_FMA(a, b, c) fmaf((a), (b), (c))
+#define DKV_DADD(a, b) ((double)(a) + (double)(b))
+#define DKV_DSUB(a, b) ((double)(a) - (double)(b))
+#define DKV_DMUL(a, b) ((double)(a) * (double)(b))
 #define DKV_LAUNCH(kern, grid, block, stream, ...) \
     do {                                                                  \
         (void)(stream);                                                   \
@@ -42,6 +45,9 @@ typedef hipEvent_t dkvEvent;
 #define DKV_FADD(a, b) ((float)(a) + (float)(b))
 #define DKV_FMUL(a, b) ((float)(a) * (float)(b))
 #define DKV_FMA(a, b, c) fmaf((a), (b), (c))
+#define DKV_DADD(a, b) ((double)(a) + (double)(b))
+#define DKV_DSUB(a, b) ((double)(a) - (double)(b))
+#define DKV_DMUL(a, b) ((double)(a) * (double)(b))
 #define DKV_LAUNCH(kern, grid, block, stream, ...) \
     hipLaunchKernelGGL(kern, (grid), (block), 0, (stream), __VA_ARGS__)
 #define DKV_SHFL_XOR_U32(v, m) ((uint32_t)__shfl_xor((int)(v), (m), 32))
@@ -72,6 +78,9 @@ typedef hipEvent_t dkvEvent;
 #define cudaMemGetInfo hipMemGetInfo
 #define cudaRuntimeGetVersion hipRuntimeGetVersion
 #define cudaDriverGetVersion hipDriverGetVersion
+#define cudaStreamCreateWithFlags hipStreamCreateWithFlags
+#define cudaStreamDestroy hipStreamDestroy
+#define cudaStreamNonBlocking hipStreamNonBlocking
 
 #else
 /* ---------------------------------------------------------------- CUDA */
@@ -84,6 +93,9 @@ typedef cudaEvent_t dkvEvent;
 #define DKV_FADD(a, b) __fadd_rn((a), (b))
 #define DKV_FMUL(a, b) __fmul_rn((a), (b))
 #define DKV_FMA(a, b, c) __fmaf_rn((a), (b), (c))
+#define DKV_DADD(a, b) __dadd_rn((a), (b))
+#define DKV_DSUB(a, b) __dsub_rn((a), (b))
+#define DKV_DMUL(a, b) __dmul_rn((a), (b))
 #define DKV_LAUNCH(kern, grid, block, stream, ...) kern<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
 #define DKV_SHFL_XOR_U32(v, m) __shfl_xor_sync(0xffffffffu, (uint32_t)(v), (m))
 #endif

@@ -748,6 +748,245 @@ k_find_nonfinite(const void* __restrict__ src, int64_t n, unsigned long long* fi
     if (bad) atomicMin(first, (unsigned long long)t);
 }
 
+/* ---- dkv-ans (SPEC.md 6.5; deltakv_format/codecs/ans.py) -------------------------------------------
+ *
+ * Rotary angles: rope_cos_sin in f64, every operation rounded on its own (DKV_DADD/DKV_DSUB/DKV_DMUL:
+ * __dadd_rn etc. on CUDA, never contracted), the same constants and order as ans.rope_cos_sin.
+ * Decoder: one thread per rANS stream (streams are independent), the class tables in shared memory
+ * as (cum << 16 | freq) per symbol, the symbol of a 12-bit slot found by a 5-step binary search over
+ * the cumulative frequencies (the s with cum[s] <= slot < cum[s+1], as the reference's LUT), values
+ * f32(q) * step + mean in f32, rotated by the table of rope_cos_sin (a separate kernel) and emitted
+ * with the SPEC.md rounding. The state is kept in 32 bits: f * (x >> 12) + (slot - cum) < f * 2^20
+ * <= 2^32 whenever the frequencies add up to 4096 (the host checks them: dkv_ans.parse_head). */
+
+constexpr int ANS_MAX_CLASSES = 64;
+constexpr int ANS_MAX_HALF = 128;  // neox: half of the rotated dims buffered per thread (n_rot <= 256)
+#if defined(DKV_EMU)
+constexpr int ANS_THREADS = 32;  // the emulator's __syncthreads covers one warp
+#else
+constexpr int ANS_THREADS = 64;
+#endif
+
+constexpr double TWO_OVER_PI = 0x1.45f306dc9c883p-1;
+constexpr double PIO2_HI = 0x1.921fb00000000p+0;
+constexpr double PIO2_LO = 0x1.5110b4611a626p-22;
+
+DKV_DEV void rope_cos_sin(int32_t position, float theta, float& cs_out, float& sn_out) {
+    const double a = DKV_DMUL((double)position, (double)theta);
+    const double k = rint(DKV_DMUL(a, TWO_OVER_PI));
+    const double r = DKV_DSUB(DKV_DSUB(a, DKV_DMUL(k, PIO2_HI)), DKV_DMUL(k, PIO2_LO));
+    const double z = DKV_DMUL(r, r);
+    double s = 0x1.952c77030ad4ap-49;                   // S15
+    s = DKV_DADD(-0x1.ae7f3e733b81fp-41, DKV_DMUL(z, s));  // S13
+    s = DKV_DADD(0x1.6124613a86d09p-33, DKV_DMUL(z, s));   // S11
+    s = DKV_DADD(-0x1.ae64567f544e4p-26, DKV_DMUL(z, s));  // S9
+    s = DKV_DADD(0x1.71de3a556c734p-19, DKV_DMUL(z, s));   // S7
+    s = DKV_DADD(-0x1.a01a01a01a01ap-13, DKV_DMUL(z, s));  // S5
+    s = DKV_DADD(0x1.1111111111111p-7, DKV_DMUL(z, s));    // S3
+    s = DKV_DADD(-0x1.5555555555555p-3, DKV_DMUL(z, s));   // S1
+    const double sin_r = DKV_DADD(r, DKV_DMUL(DKV_DMUL(r, z), s));
+    double c = -0x1.6827863b97d97p-53;                   // C9
+    c = DKV_DADD(0x1.ae7f3e733b81fp-45, DKV_DMUL(z, c));   // C8
+    c = DKV_DADD(-0x1.93974a8c07c9dp-37, DKV_DMUL(z, c));  // C7
+    c = DKV_DADD(0x1.1eed8eff8d898p-29, DKV_DMUL(z, c));   // C6
+    c = DKV_DADD(-0x1.27e4fb7789f5cp-22, DKV_DMUL(z, c));  // C5
+    c = DKV_DADD(0x1.a01a01a01a01ap-16, DKV_DMUL(z, c));   // C4
+    c = DKV_DADD(-0x1.6c16c16c16c17p-10, DKV_DMUL(z, c));  // C3
+    c = DKV_DADD(0x1.5555555555555p-5, DKV_DMUL(z, c));    // C2
+    c = DKV_DADD(-0x1.0000000000000p-1, DKV_DMUL(z, c));   // C1
+    const double cos_r = DKV_DADD(1.0, DKV_DMUL(z, c));
+    const int quadrant = (int)((long long)k & 3);
+    double cs, sn;
+    if (quadrant == 0) { cs = cos_r; sn = sin_r; }
+    else if (quadrant == 1) { cs = -sin_r; sn = cos_r; }
+    else if (quadrant == 2) { cs = -cos_r; sn = -sin_r; }
+    else { cs = sin_r; sn = -cos_r; }
+    cs_out = (float)cs;
+    sn_out = (float)sn;
+}
+
+__global__ void __launch_bounds__(THREADS)
+k_rope_table(const int32_t* __restrict__ positions, int64_t n_rows, const float* __restrict__ thetas, int64_t n_pairs,
+             float* __restrict__ table) {
+    const int64_t t = (int64_t)blockIdx.x * THREADS + threadIdx.x;
+    if (t >= n_rows * n_pairs) return;
+    const int64_t r = t / n_pairs;
+    float c, s;
+    rope_cos_sin(positions[r], thetas[t - r * n_pairs], c, s);
+    table[2 * t] = c;
+    table[2 * t + 1] = s;
+}
+
+struct AnsArgs {
+    const uint16_t* words;
+    const uint32_t* starts;
+    int64_t n_words, n_streams, n_rows, stream_rows;
+    const uint8_t* classes;  // [width]
+    const uint8_t* shifts;   // [n_classes]
+    const uint16_t* freqs;   // [n_classes][32]
+    int n_classes;
+    float step;
+    const float* means;  // [width]
+    int64_t width;
+    const float* table;  // [(row_hi - row_lo)][n_rot / 2][2] cos, sin
+    int64_t head_dim, n_rot;
+    int64_t row_lo, row_hi, first_stream, n_threads;
+    void* out;
+    unsigned long long* bad;
+};
+
+/* a * b - c * d, each product and the difference rounded on their own (a - b is a + (-b) in IEEE). */
+DKV_DEV float fsub_mul(float a, float b, float c, float d) { return DKV_FADD(DKV_FMUL(a, b), -DKV_FMUL(c, d)); }
+
+template <int KIND>
+DKV_DEV void ans_store(void* out, int64_t i, float v) {
+    if constexpr (KIND == DKV_KIND_F32) static_cast<uint32_t*>(out)[i] = as_u32(v);
+    else if constexpr (KIND == DKV_KIND_F16) static_cast<uint16_t*>(out)[i] = (uint16_t)f32_to_f16_sat(as_u32(v));
+    else static_cast<uint16_t*>(out)[i] = (uint16_t)f32_to_bf16(as_u32(v));
+}
+
+struct AnsState {
+    uint32_t x;
+    int64_t w, w_end;
+    bool bad;
+};
+
+DKV_DEV void ans_renorm(AnsState& st, const uint16_t* __restrict__ words) {
+    if (st.x < 65536u) {
+        if (st.w >= st.w_end) {
+            st.bad = true;
+        } else {
+            st.x = (st.x << 16) | (uint32_t)words[st.w];
+            st.w += 1;
+        }
+    }
+}
+
+DKV_DEV uint32_t ans_uniform(AnsState& st, const uint16_t* __restrict__ words, int bits) {
+    const uint32_t slot = st.x & 4095u;
+    const uint32_t v = slot >> (12 - bits);
+    st.x = ((st.x >> 12) << (12 - bits)) + (slot & ((1u << (12 - bits)) - 1u));
+    ans_renorm(st, words);
+    return v;
+}
+
+/* One value of column c (class table tab, shift k): ans.decode_streams' inner loop. */
+DKV_DEV float ans_value(AnsState& st, const uint16_t* __restrict__ words, const uint32_t* tab, int k, float step,
+                        float mean) {
+    const uint32_t slot = st.x & 4095u;
+    const uint32_t key = (slot << 16) | 0xffffu;
+    int s = 0;
+    if (tab[s + 16] <= key) s += 16;
+    if (tab[s + 8] <= key) s += 8;
+    if (tab[s + 4] <= key) s += 4;
+    if (tab[s + 2] <= key) s += 2;
+    if (tab[s + 1] <= key) s += 1;
+    const uint32_t e = tab[s];
+    st.x = (e & 0xffffu) * (st.x >> 12) + (slot - (e >> 16));
+    ans_renorm(st, words);
+    int32_t qq;
+    if (s == 31) {
+        const uint32_t lo8 = ans_uniform(st, words, 8);
+        const uint32_t hi8 = ans_uniform(st, words, 8);
+        const int32_t u = (int32_t)(lo8 | (hi8 << 8));
+        qq = u >= 32768 ? u - 65536 : u;
+    } else {
+        qq = s - 15;
+    }
+    if (k > 0) {
+        uint32_t low = ans_uniform(st, words, k < 8 ? k : 8);
+        if (k > 8) low |= ans_uniform(st, words, k - 8) << 8;
+        qq = qq * (1 << k) + (int32_t)low;
+    }
+    return DKV_FADD(DKV_FMUL((float)qq, step), mean);
+}
+
+/* MODE: 0 none, 1 norm (pairs 2i, 2i+1 of each head), 2 neox (pairs i, i + n_rot/2 of each head). */
+template <int KIND, int MODE>
+__global__ void __launch_bounds__(ANS_THREADS)
+k_decode_ans(AnsArgs a) {
+    __shared__ uint32_t s_tab[ANS_MAX_CLASSES * 32];
+    __shared__ int s_shift[ANS_MAX_CLASSES];
+    for (int j = (int)threadIdx.x; j < a.n_classes; j += ANS_THREADS) {
+        uint32_t cum = 0;
+        for (int s = 0; s < 32; ++s) {
+            const uint32_t f = a.freqs[j * 32 + s];
+            s_tab[j * 32 + s] = (cum << 16) | f;
+            cum += f;
+        }
+        s_shift[j] = a.shifts[j];
+    }
+    __syncthreads();
+    const int64_t t = (int64_t)blockIdx.x * ANS_THREADS + threadIdx.x;
+    if (t >= a.n_threads) return;
+    const int64_t si = a.first_stream + t;
+    const uint16_t* __restrict__ words = a.words;
+    AnsState st;
+    st.w = (int64_t)a.starts[si];
+    st.w_end = si + 1 < a.n_streams ? (int64_t)a.starts[si + 1] : a.n_words;
+    if (st.w_end - st.w < 2) {
+        atomicMin(a.bad, (unsigned long long)si);
+        return;
+    }
+    st.x = (uint32_t)words[st.w] | ((uint32_t)words[st.w + 1] << 16);
+    st.w += 2;
+    st.bad = st.x < 65536u;
+    const int64_t r0 = si * a.stream_rows;
+    const int64_t r1 = min64(r0 + a.stream_rows, a.n_rows);
+    const int64_t r_stop = min64(r1, a.row_hi);
+    const int64_t width = a.width;
+    const float step = a.step;
+    const uint8_t* __restrict__ classes = a.classes;
+    const float* __restrict__ means = a.means;
+    const int64_t n_heads = MODE ? width / a.head_dim : 1;
+    const int64_t hd = MODE ? a.head_dim : width;
+    const int64_t n_rot = a.n_rot, half = n_rot / 2;
+    float buf[MODE == 2 ? ANS_MAX_HALF : 1];
+    for (int64_t r = r0; r < r_stop && !st.bad; ++r) {
+        const bool emit = r >= a.row_lo;
+        const int64_t orow = (r - a.row_lo) * width;
+        const float* __restrict__ cs = MODE ? a.table + (emit ? (r - a.row_lo) * n_rot : 0) : nullptr;
+        int64_t c = 0;
+        for (int64_t h = 0; h < n_heads; ++h) {
+            const int64_t base = c;
+            for (int64_t off = 0; off < hd; ++off, ++c) {
+                const int j = classes[c];
+                const float v = ans_value(st, words, s_tab + j * 32, s_shift[j], step, means[c]);
+                if (!emit) continue;
+                if (MODE == 1 && off < n_rot) {
+                    if ((off & 1) == 0) {
+                        buf[0] = v;
+                    } else {
+                        const float x0 = buf[0], y0 = v;
+                        const float co = cs[off - 1], sn = cs[off];  // pair off / 2: table[2i], table[2i+1]
+                        ans_store<KIND>(a.out, orow + c - 1, fsub_mul(x0, co, y0, sn));
+                        ans_store<KIND>(a.out, orow + c, DKV_FADD(DKV_FMUL(x0, sn), DKV_FMUL(y0, co)));
+                    }
+                } else if (MODE == 2 && off < n_rot) {
+                    if (off < half) {
+                        buf[off] = v;
+                    } else {
+                        const int64_t i = off - half;
+                        const float x0 = buf[i], y0 = v;
+                        const float co = cs[2 * i], sn = cs[2 * i + 1];
+                        ans_store<KIND>(a.out, orow + base + i, fsub_mul(x0, co, y0, sn));
+                        ans_store<KIND>(a.out, orow + c, DKV_FADD(DKV_FMUL(x0, sn), DKV_FMUL(y0, co)));
+                    }
+                } else {
+                    ans_store<KIND>(a.out, orow + c, v);
+                }
+            }
+        }
+    }
+    if (st.bad || (r_stop == r1 && (st.x != 65536u || st.w != st.w_end))) atomicMin(a.bad, (unsigned long long)si);
+}
+
+typedef void (*AnsDecodeFn)(AnsArgs);
+template <int KIND>
+AnsDecodeFn pick_ans_mode(int mode) {
+    return mode == 1 ? k_decode_ans<KIND, 1> : mode == 2 ? k_decode_ans<KIND, 2> : k_decode_ans<KIND, 0>;
+}
+
 /* ---- host side ------------------------------------------------------------------------------- */
 
 thread_local char g_err[512] = "no error";
@@ -1155,4 +1394,103 @@ int dkv_encode_delta(const void* src, int kind, int64_t n_rows, int64_t n_values
     return check_launch(fn);
 }
 
+/* ---- dkv-ans ---- */
+
+int dkv_rope_table(const void* positions, int64_t n_rows, const void* thetas, int64_t n_pairs, void* table, void* stream) {
+    const char* fn = "dkv_rope_table";
+    if (n_rows < 0 || n_pairs < 0) return fail(DKV_ERR_INVALID_ARGUMENT, "%s: n_rows and n_pairs must be >= 0", fn);
+    if (n_rows == 0 || n_pairs == 0) return DKV_OK;
+    DKV_REQUIRE_PTR(positions, fn, "positions");
+    DKV_REQUIRE_PTR(thetas, fn, "thetas");
+    DKV_REQUIRE_PTR(table, fn, "table");
+    DKV_REQUIRE_ALIGNED(positions, 4, fn, "positions");
+    DKV_REQUIRE_ALIGNED(thetas, 4, fn, "thetas");
+    DKV_REQUIRE_ALIGNED(table, 4, fn, "table");
+    dim3 grid;
+    int rc = grid_for(n_rows * n_pairs, THREADS, &grid);
+    if (rc) return rc;
+    DKV_LAUNCH(k_rope_table, grid, dim3(THREADS), (dkvStream)stream, static_cast<const int32_t*>(positions), n_rows,
+               static_cast<const float*>(thetas), n_pairs, static_cast<float*>(table));
+    return check_launch(fn);
+}
+
+int dkv_decode_ans(const void* words, const void* starts, int64_t n_words, int64_t n_rows, int64_t stream_rows,
+                   const void* classes, const void* shifts, const void* freqs, int n_classes, float step,
+                   const void* means, int64_t width, int kind, const void* table, int64_t head_dim, int64_t n_rot,
+                   int mode, int64_t row_lo, int64_t row_hi, void* out, void* bad_stream, void* stream) {
+    const char* fn = "dkv_decode_ans";
+    if (n_rows < 0 || width <= 0 || n_words < 0)
+        return fail(DKV_ERR_INVALID_ARGUMENT, "%s: need n_rows >= 0, width > 0 and n_words >= 0", fn);
+    if (kind < 0 || kind > 2) return fail(DKV_ERR_INVALID_ARGUMENT, "%s: kind must be 0, 1 or 2, found %d", fn, kind);
+    if (stream_rows < 1) return fail(DKV_ERR_INVALID_ARGUMENT, "%s: stream_rows must be >= 1", fn);
+    if (n_classes < 1 || n_classes > ANS_MAX_CLASSES)
+        return fail(DKV_ERR_INVALID_ARGUMENT, "%s: n_classes must be 1..%d, found %d", fn, ANS_MAX_CLASSES, n_classes);
+    if (mode < 0 || mode > 2) return fail(DKV_ERR_INVALID_ARGUMENT, "%s: rope mode must be 0, 1 or 2, found %d", fn, mode);
+    if (mode) {
+        if (head_dim < 2 || width % head_dim || n_rot < 2 || n_rot > head_dim || n_rot % 2)
+            return fail(DKV_ERR_INVALID_ARGUMENT, "%s: rope needs an even n_rot within head_dim dividing width "
+                        "(n_rot %lld, head_dim %lld, width %lld)", fn, (long long)n_rot, (long long)head_dim, (long long)width);
+        if (mode == 2 && n_rot > 2 * ANS_MAX_HALF)
+            return fail(DKV_ERR_INVALID_ARGUMENT, "%s: neox rope with n_rot %lld: at most %d", fn, (long long)n_rot, 2 * ANS_MAX_HALF);
+    }
+    if (row_lo < 0 || row_lo > row_hi || row_hi > n_rows)
+        return fail(DKV_ERR_INVALID_ARGUMENT, "%s: need 0 <= row_lo <= row_hi <= n_rows (%lld), found [%lld, %lld)", fn,
+                    (long long)n_rows, (long long)row_lo, (long long)row_hi);
+    DKV_REQUIRE_PTR(bad_stream, fn, "bad_stream");
+    DKV_REQUIRE_ALIGNED(bad_stream, 8, fn, "bad_stream");
+    int rc = dkv_memset(bad_stream, 0xff, sizeof(unsigned long long), stream);
+    if (rc || row_hi == row_lo) return rc;
+    DKV_REQUIRE_PTR(words, fn, "words");
+    DKV_REQUIRE_PTR(starts, fn, "starts");
+    DKV_REQUIRE_PTR(classes, fn, "classes");
+    DKV_REQUIRE_PTR(shifts, fn, "shifts");
+    DKV_REQUIRE_PTR(freqs, fn, "freqs");
+    DKV_REQUIRE_PTR(means, fn, "means");
+    DKV_REQUIRE_PTR(out, fn, "out");
+    if (mode) DKV_REQUIRE_PTR(table, fn, "table");
+    DKV_REQUIRE_ALIGNED(words, 2, fn, "words");
+    DKV_REQUIRE_ALIGNED(starts, 4, fn, "starts");
+    DKV_REQUIRE_ALIGNED(freqs, 2, fn, "freqs");
+    DKV_REQUIRE_ALIGNED(means, 4, fn, "means");
+    DKV_REQUIRE_ALIGNED(out, kind == DKV_KIND_F32 ? 4 : 2, fn, "out");
+    if (mode) DKV_REQUIRE_ALIGNED(table, 4, fn, "table");
+    AnsArgs a;
+    a.words = static_cast<const uint16_t*>(words);
+    a.starts = static_cast<const uint32_t*>(starts);
+    a.n_words = n_words;
+    a.n_streams = (n_rows + stream_rows - 1) / stream_rows;
+    a.n_rows = n_rows;
+    a.stream_rows = stream_rows;
+    a.classes = static_cast<const uint8_t*>(classes);
+    a.shifts = static_cast<const uint8_t*>(shifts);
+    a.freqs = static_cast<const uint16_t*>(freqs);
+    a.n_classes = n_classes;
+    a.step = step;
+    a.means = static_cast<const float*>(means);
+    a.width = width;
+    a.table = static_cast<const float*>(table);
+    a.head_dim = head_dim;
+    a.n_rot = mode ? n_rot : 0;
+    a.row_lo = row_lo;
+    a.row_hi = row_hi;
+    a.first_stream = row_lo / stream_rows;
+    a.n_threads = (row_hi + stream_rows - 1) / stream_rows - a.first_stream;
+    a.out = out;
+    a.bad = static_cast<unsigned long long*>(bad_stream);
+    dim3 grid;
+    if ((rc = grid_for(a.n_threads, ANS_THREADS, &grid))) return rc;
+    AnsDecodeFn k = kind == 0 ? pick_ans_mode<0>(mode) : kind == 1 ? pick_ans_mode<1>(mode) : pick_ans_mode<2>(mode);
+    DKV_LAUNCH(k, grid, dim3(ANS_THREADS), (dkvStream)stream, a);
+    return check_launch(fn);
+}
+
+int dkv_stream_create(void** stream) {
+    dkvStream s;
+    int rc = check_rt(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    *stream = rc ? nullptr : (void*)s;
+    return rc;
+}
+int dkv_stream_destroy(void* stream) { return check_rt(cudaStreamDestroy((dkvStream)stream), "cudaStreamDestroy"); }
+
 }  // extern "C"
+

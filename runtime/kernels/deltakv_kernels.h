@@ -101,6 +101,26 @@ int dkv_encode_q4_0(const void* src, int kind, int64_t n_rows, int64_t n_values,
 int dkv_encode_delta(const void* src, int kind, int64_t n_rows, int64_t n_values, int64_t interval, int rotation,
                      int adaptive, int search, void* keys, void* q4, void* modes, void* stream);
 
+/* ---- dkv-ans (SPEC.md 6.5) ----------------------------------------------------------------- */
+/* cos/sin of rope_cos_sin (deltakv_format/codecs/ans.py, f64, bit-exact) for n_rows positions (i32)
+ * and n_pairs thetas (f32): table = n_rows x n_pairs x 2 f32 (cos, sin). */
+int dkv_rope_table(const void* positions, int64_t n_rows, const void* thetas, int64_t n_pairs, void* table, void* stream);
+/* Decode coded rows [row_lo, row_hi) of one dkv-ans segment (ans.decode_streams, bit for bit) into
+ * out ((row_hi - row_lo) x width of kind). words: the u16 rANS words (n_words); starts: u32 word
+ * offset of each of ceil(n_rows / stream_rows) streams; classes: u8 [width]; shifts: u8 [n_classes];
+ * freqs: u16 [n_classes][32], each class adding up to 4096 (checked by the host: parse_head);
+ * means: f32 [width]; mode 0 (none), 1 (norm), 2 (neox, n_rot <= 256) with table = dkv_rope_table of
+ * the rows [row_lo, row_hi) (unused for mode 0). bad_stream: device int64, set to the lowest corrupt
+ * stream index or -1 (a stream that runs out of words, or, read to its end, does not end in state
+ * 2^16 with all its words used). One thread per stream. */
+int dkv_decode_ans(const void* words, const void* starts, int64_t n_words, int64_t n_rows, int64_t stream_rows,
+                   const void* classes, const void* shifts, const void* freqs, int n_classes, float step,
+                   const void* means, int64_t width, int kind, const void* table, int64_t head_dim, int64_t n_rot,
+                   int mode, int64_t row_lo, int64_t row_hi, void* out, void* bad_stream, void* stream);
+/* Streams for concurrent launches (benchmarks): non-blocking CUDA/HIP streams. */
+int dkv_stream_create(void** stream);
+int dkv_stream_destroy(void* stream);
+
 #ifdef __cplusplus
 }
 #endif

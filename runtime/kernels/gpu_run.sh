@@ -7,6 +7,8 @@
 # Everything goes to $OUT (default runtime/build/gpu_run, git-ignored): build.log, test_gpu.log, bench.md, ncu_decode.txt, GPU_RESULTS.md.
 #
 #   OUT=/tmp/out runtime/kernels/gpu_run.sh
+#   TESTS_K=ans SKIP_BENCH=1 SKIP_NCU=1 OUT=/tmp/out runtime/kernels/gpu_run.sh   # dkv-ans tests + its benchmark only
+#   (ANS_TOKENS=4096,32768,131072: the dkv-ans token counts)
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -43,16 +45,24 @@ lib="$root/runtime/build/libdeltakv_kernels_cuda.so"
 cuobjdump --dump-resource-usage "$lib" 2>/dev/null | grep -A1 "k_decode_delta" | grep -E "Function|REG" | head -40 > "$OUT/resource_usage.txt" || true
 
 stamp "parity tests"
-timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
+timeout 400 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/test_gpu.log"
 test_rc=${PIPESTATUS[0]}
 
 stamp "benchmark"
-timeout 200 python3 -m deltakv_tools.measure.bench_gpu --vpl16 "${alt[@]}" --out "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
+bench_rc=0
+if [ -z "${SKIP_BENCH:-}" ]; then
+  timeout 200 python3 -m deltakv_tools.measure.bench_gpu --vpl16 "${alt[@]}" --out "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
+  bench_rc=${PIPESTATUS[0]}
+fi
+
+stamp "benchmark dkv-ans"
+timeout 420 python3 -m deltakv_tools.measure.bench_gpu --ans "${ANS_TOKENS:-4096,32768,131072}" --out "$OUT/bench_ans.md" 2>&1 | tee "$OUT/bench_ans.log"
+ans_rc=${PIPESTATUS[0]}
+cuobjdump --dump-resource-usage "$lib" 2>/dev/null | grep -A1 "k_decode_ans" | grep -E "Function|REG" | head -12 >> "$OUT/resource_usage.txt" || true
 
 stamp "profile (ncu)"
 NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)"
-if [ -n "$NCU" ]; then
+if [ -n "$NCU" ] && [ -z "${SKIP_NCU:-}" ]; then
   timeout 100 "$NCU" --clock-control none --kernel-name regex:k_decode_delta --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats \
@@ -82,7 +92,12 @@ stamp "summary"
   echo "## Benchmark (rc=$bench_rc)"
   echo
   cat "$OUT/bench.md" 2>/dev/null
+  echo
+  echo "## dkv-ans decode (rc=$ans_rc)"
+  echo
+  cat "$OUT/bench_ans.md" 2>/dev/null
 } > "$OUT/GPU_RESULTS.md"
-stamp "done (tests rc=$test_rc, bench rc=$bench_rc)"
+stamp "done (tests rc=$test_rc, bench rc=$bench_rc, ans rc=$ans_rc)"
 cat "$OUT/bench.md" 2>/dev/null
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+cat "$OUT/bench_ans.md" 2>/dev/null
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$ans_rc" -eq 0 ]

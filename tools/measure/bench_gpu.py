@@ -88,8 +88,14 @@ def main(argv=None) -> int:
     ap.add_argument("--alt-label", default="alt", help="label of the variant's rows")
     ap.add_argument("--tokens", type=int, default=TOKENS, help="rows per tensor (smoke tests use fewer)")
     ap.add_argument("--profile-one", action="store_true", help="run one dkv-q4 decode of one tensor and exit (for ncu)")
+    ap.add_argument("--ans", default=None, metavar="TOKENS",
+                    help="only the dkv-ans decode case (bench_gpu_ans.py) at these token counts, e.g. 4096,131072")
     args = ap.parse_args(argv)
     TOKENS = args.tokens
+    if args.ans:
+        from . import bench_gpu_ans
+
+        return bench_gpu_ans.main(["--tokens", args.ans, *(["--out", args.out] if args.out else [])])
 
     k = k0 = gpu.load()
     name = k.device_name()
