@@ -261,7 +261,12 @@ CODEC_Q4_0 = "q4_0"
 CODEC_DELTA_Q4_0 = "delta-q4_0"
 CODEC_DKV_Q4 = "dkv-q4"
 CODEC_DKV_ANS = "dkv-ans"
-DEFAULT_CODEC = CODEC_DKV_Q4
+DEFAULT_CODEC = CODEC_DKV_ANS
+"""The codec a writer uses when none is named (``write_session``, ``deltakv convert``, the runtime)."""
+DEFAULT_RATE_K = 440  # dkv-ans rate of K tracks (hundredths of a bit per value): eval/EVAL.md
+"""dkv-ans rate of the K tracks when the codec is named without a rate (hundredths of a bit per value)."""
+DEFAULT_RATE_V = 440  # and of V tracks
+"""dkv-ans rate of the V tracks when the codec is named without a rate (hundredths of a bit per value)."""
 DEFAULT_KEYFRAME_INTERVAL = 32
 ROTATION_SIZES = (0, 16, 64, 256)
 """Allowed Walsh-Hadamard sizes: powers of four, so that 1/sqrt(size) is an exact power of two."""

@@ -323,17 +323,24 @@ class ModelInfo:
         ``single_cache``: as for :meth:`kv_cache_layers` (the first plan is taken either way).
         Layers of a ModelInfo built without :meth:`from_metadata` get kind "none"."""
         plan = self.kv_cache_layers(sequence=sequence, single_cache=single_cache)[0]
-        out = []
-        for cache in plan:
-            row = []
-            for il in cache:
-                if il < len(self.layer_rope):
-                    row.append(self.layer_rope[il])
-                else:
-                    head_dim = self.key_length_swa if self.swa_layers[il] else self.key_length
-                    row.append(RopeParams("none", 0, head_dim, 1.0, 1.0))
-            out.append(row)
-        return out
+        return [[self._layer_rope(il) for il in cache] for cache in plan]
+
+    def rope_params_for(self, layers_per_cache: list[int]) -> list[list[RopeParams]] | None:
+        """:meth:`rope_params` for a state whose KV caches hold ``layers_per_cache`` layers each (in
+        file order; 0: an empty cache, which fits any): the first split of the layers
+        (:meth:`kv_cache_layers` of a sequence, then the single-cache split of older builds) whose
+        caches have those counts. None when none has (another model's state: code keys as they are)."""
+        plans = self.kv_cache_layers(sequence=True) + self.kv_cache_layers(single_cache=True)
+        for plan in plans:
+            if len(plan) == len(layers_per_cache) and all(n in (0, len(c)) for n, c in zip(layers_per_cache, plan)):
+                return [[self._layer_rope(il) for il in cache] for cache in plan]
+        return None
+
+    def _layer_rope(self, il: int) -> RopeParams:
+        if il < len(self.layer_rope):
+            return self.layer_rope[il]
+        head_dim = self.key_length_swa if self.swa_layers[il] else self.key_length
+        return RopeParams("none", 0, head_dim, 1.0, 1.0)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, *, use_gguf_reader: bool = False) -> ModelInfo:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .codecs import CODEC_CLASSES, get_codec
 from .codecs.bounds import as_float64
-from .constants import FLOAT_TYPES, GGUF_MAGIC, GGMLType
+from .constants import DEFAULT_CODEC, FLOAT_TYPES, GGUF_MAGIC, GGMLType
 from .container import DkvFile, replacing_file
 from .errors import ChecksumError, CodecError, CorruptError, DeltaKVError
 from .llama_state import parse_state, write_state
@@ -25,7 +25,7 @@ from .reference import from_source_bits
 from .session_cells import cell_record_ends, owned_spans
 from .session_reader import DkvSession
 from .session_sizes import stored_bytes_by_track
-from .session_writer import write_session
+from .session_writer import codecs_of_roles, rope_for_state, write_session
 from .state_model import Framing, LlamaState, OpaqueSection
 
 
@@ -130,18 +130,23 @@ class ConvertReport:
     kv_stored_bytes: int
     codec: str
     tracks_by_codec: dict = field(default_factory=dict)
+    rope_tracks: int = 0  # K tracks coded with rotary embedding undone
+    rope_capable_tracks: int = 0  # K tracks whose codec can undo it (dkv-ans), given the model
 
     @property
     def ratio(self) -> float:
         return self.dkv_bytes / self.source_bytes if self.source_bytes else float("nan")
 
 
-def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_path=None, progress=None,
-            k_codec=None, v_codec=None) -> ConvertReport:
+def convert(in_path, out_path, *, codec=DEFAULT_CODEC, keyframe_interval=None, model_path=None, progress=None,
+            k_codec=None, v_codec=None, bits=None) -> ConvertReport:
     """llama.cpp state file (any supported framing and layout) -> .dkv.
 
     ``k_codec`` / ``v_codec``: another codec for the K or the V tracks (``keyframe_interval`` applies
-    to every delta codec)."""
+    to every delta codec). ``model_path``: the model's GGUF; besides fixing the layout, it gives
+    the rotary parameters with which dkv-ans codes K before rotary embedding (without it, K is
+    coded as it is: larger or worse). ``bits``: the rate of the codecs that have one (dkv-ans), in
+    bits per value."""
     # the codecs that take a keyframe interval: the delta codecs
     delta_codecs = tuple(name for name, cls in CODEC_CLASSES.items() if "keyframe_interval" in cls.parameters)
     if keyframe_interval and not {codec, k_codec, v_codec} & set(delta_codecs):
@@ -149,28 +154,33 @@ def convert(in_path, out_path, *, codec="dkv-q4", keyframe_interval=None, model_
                          f"found codec {codec}" + (f", K {k_codec}" if k_codec else "") + (f", V {v_codec}" if v_codec else ""))
 
     def make(name):
-        if name is None:
-            return None
-        return get_codec(name, keyframe_interval=keyframe_interval) if name in delta_codecs else get_codec(name)
+        if name is None or name not in delta_codecs or not keyframe_interval:
+            return name  # by id: write_session gives it its defaults for the role
+        return get_codec(name, keyframe_interval=keyframe_interval)
 
     codec_obj = make(codec)
+    codecs_of_roles(codec_obj, make(k_codec), make(v_codec), bits)  # a bad codec or bits: before any work
     check_output_path(out_path)
     model = load_model_info(model_path)
     with MappedFile(in_path) as mapped:
         if bytes(mapped.buf[:4]) == GGUF_MAGIC:
             raise DeltaKVError(f"{in_path} is already a GGUF/.dkv file; convert takes a llama.cpp state file")
         state = parse_state_file(mapped, model)
+        rope = rope_for_state(model, state)
         with writing(out_path):
             written = write_session(state, out_path, codec_obj, progress=progress, k_codec=make(k_codec),
-                                    v_codec=make(v_codec))
+                                    v_codec=make(v_codec), rope=rope, bits=bits)
         source_bytes = len(mapped.buf)
         del state
     stats = written.stats()
     by_codec: dict[str, int] = {}
     for t in written.tracks:
         by_codec[t.codec.name] = by_codec.get(t.codec.name, 0) + 1
+    k_tracks = [t for t in written.tracks if t.id.role == "k"]
     return ConvertReport(source_bytes, stats["file_bytes"], stats["kv_source_bytes"], stats["kv_stored_bytes"],
-                         codec_obj.name, by_codec)
+                         written.codec_name, by_codec,
+                         rope_tracks=sum(1 for t in k_tracks if t.codec.get_config().get("rope")),
+                         rope_capable_tracks=sum(1 for t in k_tracks if "rope" in t.codec.parameters))
 
 
 # ---- restore ----------------------------------------------------------------------------
@@ -236,6 +246,41 @@ def model_layers(k_layers_by_cache: list[list[int]]) -> int:
     return sum(max(streams, default=0) for streams in k_layers_by_cache)
 
 
+def rope_of_codec(codec) -> str | None:
+    """How a track's codec treats rotary embedding, from its config: None for a codec without rotary
+    parameters; "not undone" (K coded as it is); else e.g. "neox, 64 of 64 dims, base 100000"."""
+    config = codec.get_config()
+    if "rope" not in config:
+        return None
+    if not config["rope"]:
+        return "not undone"
+    from .codecs.dkv_ans import ROPE_KINDS, f32_of_bits
+
+    kind = {v: k for k, v in ROPE_KINDS.items()}.get(config["rope"], str(config["rope"]))
+    n_rot = config["rope_dims"]
+    theta = float(f32_of_bits(config["theta_scale_f32"] & 0xFFFFFFFF))
+    text = f"{kind}, {n_rot} of {config['head_dim']} dims, base {theta ** (-n_rot / 2):.6g}"
+    freq = float(f32_of_bits(config.get("freq_scale_f32", 0x3F800000) & 0xFFFFFFFF))
+    return text + (f", freq scale {freq:.6g}" if freq != 1.0 else "")
+
+
+def k_rope_summary(tracks) -> str | None:
+    """One line on whether the K tracks were coded with rotary embedding undone (None: no K track's
+    codec has rotary parameters)."""
+    k = [t for t in tracks if t.id.role == "k" and "rope" in t.codec.parameters]
+    if not k:
+        return None
+    undone = {}
+    for t in k:
+        if t.codec.get_config()["rope"]:
+            text = rope_of_codec(t.codec)
+            undone[text] = undone.get(text, 0) + 1
+    if not undone:
+        return f"not undone in {len(k)} K tracks (written without the model's rotary parameters)"
+    shown = "; ".join(f"{n} x {text}" for text, n in undone.items())
+    return f"undone in {sum(undone.values())} of {len(k)} K tracks: {shown}"
+
+
 def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
     """A description of a .dkv or a llama.cpp state file (what ``deltakv inspect --json`` prints)."""
     path = Path(path)
@@ -248,14 +293,16 @@ def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
             source = s.source_bytes()
             tracks = {}
             for t in s.tracks:
-                key = (t.codec.name, t.codec.keyframe_interval, t.codec.rotation, GGMLType(t.ggml_type).name)
+                rope = rope_of_codec(t.codec) if t.id.role == "k" else None
+                key = (t.codec.name, t.codec.keyframe_interval, t.codec.rotation, GGMLType(t.ggml_type).name, rope)
                 tracks[key] = tracks.get(key, 0) + 1
             info = {
                 "file": str(path), "kind": "dkv", "format_version": int(s.file.value("deltakv.version")),
                 **state_info,
                 "codec": s.codec_name,
-                "tracks": [{"codec": c, "keyframe_interval": n, "rotation": r, "type": ty, "count": k}
-                           for (c, n, r, ty), k in tracks.items()],
+                "tracks": [{"codec": c, "keyframe_interval": n, "rotation": r, "type": ty, "count": k,
+                            **({} if rope is None else {"rope": rope})}
+                           for (c, n, r, ty, rope), k in tracks.items()],
                 "segments": s.n_segments,
                 "streams": [{"cells": c} for c in s.stream_cells],
                 "layers": model_layers([[n for n, sec in zip(s.stream_n_k, s.stream_section) if sec == i]
@@ -266,6 +313,9 @@ def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
                 "compression_ratio": stats["file_bytes"] / source if source else None,
                 "kv_bits_per_value": _bits_per_value(s),
             }
+            k_rope = k_rope_summary(s.tracks)
+            if k_rope is not None:
+                info["k_rope"] = k_rope
     else:
         with MappedFile(path) as mapped:
             state = parse_state_file(mapped, load_model_info(model_path))

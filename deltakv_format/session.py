@@ -17,7 +17,7 @@ from .session_cells import assemble_cells, cell_record_ends, owned_spans
 from .session_reader import DkvSession
 from .session_schema import SESSION_KEYS, TrackId
 from .session_tracks import Track
-from .session_writer import WrittenSession, session_bytes, write_session
+from .session_writer import WrittenSession, codecs_of_roles, rope_for_state, session_bytes, write_session
 
 __all__ = [
     "SESSION_KEYS",
@@ -33,4 +33,6 @@ __all__ = [
     "rewrite_session",
     "session_bytes",
     "write_session",
+    "rope_for_state",
+    "codecs_of_roles",
 ]

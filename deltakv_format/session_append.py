@@ -98,18 +98,21 @@ def _rewrite_reason(old: DkvSession, state: LlamaState, by_stream) -> str | None
     return None
 
 
-def rewrite_session(path, state: LlamaState, old: DkvSession) -> None:
+def rewrite_session(path, state: LlamaState, old: DkvSession, rope=None) -> None:
     """Store ``state`` anew at ``path`` with the codecs and application key-values of ``old``
-    (crash-safe: a new file renamed over the old one)."""
+    (crash-safe: a new file renamed over the old one). Every track keeps its stored codec, rotary
+    parameters included; where the tracks are not the stored ones (another layer count), each role
+    takes the codec of its first float track and ``rope`` (``write_session``'s), when given, the
+    rotary parameters of each layer."""
     track_codecs = [t.codec for t in old.tracks] if len(old.tracks) == len(plan_tracks(state, {role: get_codec("raw") for role in ROLES})) else None
     by_role = {role: next((t.codec for t in old.tracks if t.id.role == role and t.ggml_type in FLOAT_TYPES), None)
                for role in ROLES}
     extra = [kv for key, kv in old.file.kvs.items() if key.startswith("deltakv.runtime.")]
     write_session(state, path, get_codec(old.codec_name), k_codec=by_role["k"], v_codec=by_role["v"],
-                  extra_kvs=extra, track_codecs=track_codecs)
+                  extra_kvs=extra, track_codecs=track_codecs, rope=rope)
 
 
-def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, progress=None) -> dict:
+def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, progress=None, *, rope=None) -> dict:
     """Bring the stored session up to ``state``, a newer state of the same context.
 
     ``session``: the session as :meth:`DkvSession.open_for_append` opened it (locked, its journal
@@ -126,11 +129,14 @@ def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, p
     Before the new header is committed, the cells the new snapshot rebuilds are checked against
     ``state``'s; a mismatch raises and leaves the old snapshot.
 
+    Appended segments keep each track's stored codec (its rotary parameters included); ``rope``
+    (``write_session``'s) matters only to a rewrite whose tracks are not the stored ones.
+
     Returns ``rows_added`` (rows written), ``tokens_added`` and ``rewritten`` (why, or None).
     """
     if not isinstance(session, DkvSession):
         with DkvSession.open_for_append(session) as opened:
-            return append_session(opened, state, progress)
+            return append_session(opened, state, progress, rope=rope)
     old = session
     if not old.file.locked:
         raise DeltaKVError(f"append_session({old.path}): expected a session opened with DkvSession.open_for_append "
@@ -144,7 +150,7 @@ def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, p
         if result is None:
             rewrite = "superseded rows would outweigh the live ones"
     if rewrite is not None:
-        rewrite_session(path, state, old)  # renames over the file; ``old`` keeps its own mapping
+        rewrite_session(path, state, old, rope)  # renames over the file; ``old`` keeps its own mapping
         tokens = state.tokens()
         return {"rows_added": sum(st.cell_count for _, st in live_streams(state)),
                 "tokens_added": 0 if tokens is None else len(tokens), "rewritten": rewrite}

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .codecs import Codec, TrackContext, codec_for_track, get_codec
-from .constants import HEADER_RESERVE_APPENDS, GGMLType
+from .codecs import Codec, TrackContext, codec_for_role, codec_for_track, get_codec
+from .constants import DEFAULT_CODEC, HEADER_RESERVE_APPENDS, GGMLType
 from .container import TensorData, base_kvs, write_container, write_container_to
-from .errors import CorruptError
+from .errors import CodecError, CorruptError
 from .gguf_io import KeyValue
 from .session_reader import DkvSession
 from .session_schema import (
@@ -79,6 +79,39 @@ def stream_context(stream, stream_tracks: list[Track], first_row: int, end_row: 
         return None
     positions = cell_positions(stream.cells, stream.cell_count, stream.cell_ext_bytes)
     return TrackContext(positions=positions[first_row:end_row], first_row=first_row)
+
+
+def state_cache_layers(state: LlamaState) -> list[int]:
+    """Per KV section of ``state``, the layers its fullest stream holds (0: no layers)."""
+    return [max((len(st.k) for st in sec.streams), default=0) for sec in state.kv_sections]
+
+
+def rope_for_state(model, state: LlamaState):
+    """The rotary parameters (``write_session``'s ``rope``) of ``model`` (a ModelInfo, or None) for
+    the KV caches ``state`` holds: the split of the model's layers into caches whose layer counts
+    are the state's (a sequence state saved partial-only holds the SWA cache alone); None when
+    no split fits or the model is unknown (keys are then coded as they are)."""
+    if model is None:
+        return None
+    return model.rope_params_for(state_cache_layers(state))
+
+
+def codecs_of_roles(codec: Codec | str = DEFAULT_CODEC, k_codec: Codec | str | None = None,
+                    v_codec: Codec | str | None = None, bits: float | None = None) -> dict[str, Codec]:
+    """The codec of the K and of the V tracks: ``k_codec`` / ``v_codec``, else ``codec``; a codec
+    named by its id gets its defaults for the role (dkv-ans: DEFAULT_RATE_K / DEFAULT_RATE_V).
+    ``bits``: the rate of those of the two that have one (dkv-ans), as bits per value; a
+    CodecError when neither has."""
+    chosen = {role: codec_for_role(c if c is not None else codec, role)
+              for role, c in zip(ROLES, (k_codec, v_codec))}
+    if bits is not None:
+        rated = [role for role, c in chosen.items() if "rate" in c.parameters]
+        if not rated:
+            codec_for_role(chosen["k"], "k", bits=bits)  # raises: says which codecs take a rate
+            raise CodecError(f"bits per value ({bits}): no codec of K and V takes a rate")
+        for role in rated:
+            chosen[role] = codec_for_role(chosen[role], role, bits=bits)
+    return chosen
 
 
 def plan_tracks(state: LlamaState, codec_of_role: dict[str, Codec], track_codecs: list[Codec] | None = None,
@@ -218,10 +251,11 @@ class WrittenSession:
         self.close()
 
 
-def write_session(state: LlamaState, path=None, codec: Codec | str = "dkv-q4", progress=None, *,
+def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_CODEC, progress=None, *,
                   k_codec: Codec | str | None = None, v_codec: Codec | str | None = None,
                   extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = (),
-                  track_codecs: list[Codec] | None = None, to=None, rope=None) -> WrittenSession | None:
+                  track_codecs: list[Codec] | None = None, to=None, rope=None,
+                  bits: float | None = None) -> WrittenSession | None:
     """Store ``state`` as a new .dkv at ``path`` (atomically); returns what was written
     (:meth:`WrittenSession.open` reads it back).
 
@@ -233,17 +267,21 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = "dkv-q4", p
     own codec, ``deltakv.track.codec`` in SPEC.md section 3; later appends keep it). K matters more to
     the model than V, so ``k_codec="q8_0"`` with the default for V gets q8_0-level quality at fewer
     bits than q8_0 for both (eval/EVAL.md).
-    ``rope``: the model's rotary parameters per KV section and layer (``ModelInfo.rope_params()``);
-    ``dkv-ans`` codes keys before rotary embedding with them (without: as they are, at some cost).
+    A codec named by its id gets its defaults for the role: ``dkv-ans`` (the default) codes K at
+    DEFAULT_RATE_K and V at DEFAULT_RATE_V (constants.py); a Codec object is used as it is.
+    ``bits``: the rate of the K/V codecs that have one (dkv-ans), in bits per value (3 -> rate 300);
+    CodecError when neither has a rate.
+    ``rope``: the model's rotary parameters per KV section and layer (``ModelInfo.rope_params()``,
+    :func:`rope_for_state`); ``dkv-ans`` codes keys before rotary embedding with them (without: as
+    they are, at some cost).
     ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
     ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
     """
     if (path is None) == (to is None):
         raise TypeError(f"write_session: expected a path or to= a binary stream, found "
                         f"{'both' if to is not None else 'neither'}")
-    codec = get_codec(codec) if isinstance(codec, str) else codec
-    codec_of_role = {role: get_codec(c) if isinstance(c, str) else (c or codec)
-                     for role, c in zip(ROLES, (k_codec, v_codec))}
+    codec_of_role = codecs_of_roles(codec, k_codec, v_codec, bits)
+    codec = codec_for_role(codec, "v")  # deltakv.codec: the codec asked for
     tracks = plan_tracks(state, codec_of_role, track_codecs, rope)
     tensors = SessionTensors()
     tokens = state.tokens()
@@ -276,7 +314,7 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = "dkv-q4", p
     return WrittenSession(Path(path), codec.name, tracks, cells, {t.name: t.nbytes() for t in written}, file_size)
 
 
-def session_bytes(state: LlamaState, codec: Codec | str = "dkv-q4", **options) -> bytes:
+def session_bytes(state: LlamaState, codec: Codec | str = DEFAULT_CODEC, **options) -> bytes:
     """The .dkv that ``write_session(state, path, codec, **options)`` writes, as bytes (for a
     store, a socket or a cache in memory); ``options`` are write_session's keyword arguments."""
     stream = io.BytesIO()

@@ -44,11 +44,11 @@ from deltakv_format.container import TensorData
 from deltakv_format.errors import CorruptError, DeltaKVError, TruncatedError
 from deltakv_format.gguf_io import KeyValue
 from deltakv_format.llama_state import parse_state, write_state
-from deltakv_format.session import DkvSession, session_bytes
+from deltakv_format.session import DkvSession, codecs_of_roles, rope_for_state, session_bytes
 from deltakv_format.state_model import Framing, LlamaState
 from deltakv_format.stores import EntryNotFoundError, LocalDirectoryStore, LruByBytes, SessionStore, entry_in_use
 
-from .session import model_desc
+from .session import _model_info, model_desc
 
 KEY_N_TOKENS = "deltakv.runtime.n_tokens"
 KEY_SEED = "deltakv.runtime.seed"
@@ -325,9 +325,12 @@ class DeltaKVCache(BaseLlamaCache):
 
     def __init__(self, directory=None, capacity_bytes: int = 2 << 30, codec: str = DEFAULT_CODEC, *,
                  k_codec: str | None = None, v_codec: str | None = None, llm: Llama | None = None,
-                 store: SessionStore | None = None):
+                 store: SessionStore | None = None, bits: float | None = None):
         """``codec`` codes the cached states; ``k_codec`` / ``v_codec`` give K or V another one
-        (``k_codec="q8_0"``: q8_0-level quality at 0.42 of f16, eval/EVAL.md)."""
+        (``k_codec="q8_0"``: q8_0-level quality at 0.42 of f16, eval/EVAL.md). ``bits``: bits per
+        value of the codecs with a rate (dkv-ans, the default; 3 -> rate 300), an error for others.
+        With ``llm=``, dkv-ans codes K before rotary embedding with the model's rotary parameters;
+        without it, K as it is."""
         super().__init__(capacity_bytes)
         if (directory is None) == (store is None):
             raise TypeError(f"DeltaKVCache: expected a directory or store=, found "
@@ -336,13 +339,16 @@ class DeltaKVCache(BaseLlamaCache):
         # The folder, for a local store (callers of earlier versions read it).
         self.directory = self.store.directory if isinstance(self.store, LocalDirectoryStore) else None
         self._lru = LruByBytes(self.store, owns=ENTRY_NAME.fullmatch)
-        self.codec = get_codec(codec)
-        self.k_codec = get_codec(k_codec) if k_codec else None
-        self.v_codec = get_codec(v_codec) if v_codec else None
+        # The codec of each role, as write_session makes it (an id gets its defaults for the role).
+        roles = codecs_of_roles(codec, k_codec or None, v_codec or None, bits)
+        self.codec = get_codec(codec) if isinstance(codec, str) else codec  # deltakv.codec of the entries
+        self.k_codec, self.v_codec = roles["k"], roles["v"]
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}  # by entry name
         self._rejected: dict[str, tuple[int, int]] = {}  # entry name -> (size, last use) of an entry not to serve
         self._learned = _Learned()
+        # The model's header (its rotary parameters), not the Llama: see below.
+        self._model_info = _model_info(llm) if llm is not None else None
         if llm is not None:
             self._fingerprint: Fingerprint | None = context_fingerprint(llm)
             # Sizes of llama-cpp-python's arrays that load_state copies into (not the Llama itself:
@@ -564,7 +570,8 @@ class DeltaKVCache(BaseLlamaCache):
             ]
             extra_tensors = [t for t in extra_tensors if t.shape[0]]  # GGUF tensors cannot be empty
             self.store.put(name, session_bytes(state, self.codec, k_codec=self.k_codec, v_codec=self.v_codec,
-                                               extra_kvs=extra_kvs, extra_tensors=extra_tensors))
+                                               extra_kvs=extra_kvs, extra_tensors=extra_tensors,
+                                               rope=rope_for_state(self._model_info, state)))
             self._entries[name] = _Entry(name, key, dict(fp), n_tokens, shape.section_cells)
             self._rejected.pop(name, None)
             for evicted in self._lru.evict(self.capacity_bytes, keep=name):

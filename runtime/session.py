@@ -26,7 +26,15 @@ from deltakv_format.errors import DeltaKVError, SessionMismatchError
 from deltakv_format.gguf_io import KeyValue
 from deltakv_format.llama_state import file_version_for, parse_state, write_state
 from deltakv_format.model_info import ModelInfo
-from deltakv_format.session import DkvSession, TrackId, append_session, cell_record_ends, write_session
+from deltakv_format.session import (
+    DkvSession,
+    TrackId,
+    append_session,
+    cell_record_ends,
+    codecs_of_roles,
+    rope_for_state,
+    write_session,
+)
 from deltakv_format.state_model import Framing, LlamaState
 
 KEY_MODEL_DESC = "deltakv.runtime.model_desc"
@@ -182,31 +190,40 @@ def _runtime_kvs(llm, seq_id: int) -> list[KeyValue]:
     ]
 
 
-def _resolve_codec(codec, what: str = "codec") -> Codec | None:
+def _resolve_codec(codec, what: str = "codec") -> Codec | str | None:
+    """A codec as write_session takes it: an id (checked; write_session gives it its defaults for
+    each role) or a Codec."""
     if codec is None:
         return None
     if isinstance(codec, str):
-        return get_codec(codec)
+        get_codec(codec)  # an unknown id fails here
+        return codec
     if isinstance(codec, Codec):
         return codec
     raise TypeError(f"{what}: expected a codec name such as {DEFAULT_CODEC!r} or a Codec, found {type(codec).__name__}")
 
 
 def save(llm, path, *, codec: Codec | str | None = DEFAULT_CODEC, seq_id: int = 0,
-         k_codec: Codec | str | None = None, v_codec: Codec | str | None = None, tokens=None) -> Path:
+         k_codec: Codec | str | None = None, v_codec: Codec | str | None = None, tokens=None,
+         bits: float | None = None) -> Path:
     """Write the live context's sequence ``seq_id`` to ``path`` as a .dkv (atomically).
 
-    ``codec=None`` is the default codec. ``k_codec`` / ``v_codec`` override ``codec`` for the K or V
-    tracks (eval/EVAL.md: K q8_0 with the default for V is the near-lossless choice); ``extend`` keeps
-    each track's codec. ``tokens``: the sequence's token ids, needed for a ``seq_id`` other than 0
-    (llama-cpp-python tracks sequence 0's tokens only) unless the cells carry them."""
-    codec = _resolve_codec(codec) or get_codec(DEFAULT_CODEC)
+    ``codec=None`` is the default codec (dkv-ans: K and V at their default rates, K coded before
+    rotary embedding with the model's rotary parameters, read from ``llm.model_path``). ``k_codec`` /
+    ``v_codec`` override ``codec`` for the K or V tracks (eval/EVAL.md: K q8_0 with the default for V
+    is the near-lossless choice); ``extend`` keeps each track's codec. ``bits``: bits per value of
+    the codecs that have a rate (dkv-ans; ``bits=3`` is rate 300), an error for the others.
+    ``tokens``: the sequence's token ids, needed for a ``seq_id`` other than 0 (llama-cpp-python
+    tracks sequence 0's tokens only) unless the cells carry them."""
+    codec = _resolve_codec(codec) or DEFAULT_CODEC
     k_codec, v_codec = _resolve_codec(k_codec, "k_codec"), _resolve_codec(v_codec, "v_codec")
+    codecs_of_roles(codec, k_codec, v_codec, bits)  # a bad codec or bits: before the state is copied
     if seq_id == 0 and tokens is None and llm.n_tokens == 0:
         raise DeltaKVError("the context is empty: evaluate a prompt before saving")
     state = live_state(llm, seq_id, tokens=tokens)
     with accelerated():
-        write_session(state, path, codec, k_codec=k_codec, v_codec=v_codec, extra_kvs=_runtime_kvs(llm, seq_id))
+        write_session(state, path, codec, k_codec=k_codec, v_codec=v_codec, extra_kvs=_runtime_kvs(llm, seq_id),
+                      rope=model_rope(llm, state), bits=bits)
     return Path(path)
 
 
@@ -223,6 +240,12 @@ def _model_info(llm) -> ModelInfo | None:
         except (DeltaKVError, OSError, ValueError):
             _MODEL_INFO[path] = None  # a model deltakv cannot read: llama.cpp's own checks remain
     return _MODEL_INFO[path]
+
+
+def model_rope(llm, state: LlamaState):
+    """The rotary parameters of ``llm``'s model for the KV caches of ``state`` (write_session's
+    ``rope``), from the model's GGUF header (read once per model file); None when it cannot be read."""
+    return rope_for_state(_model_info(llm), state)
 
 
 def _expected_v_trans(llm) -> int | None:
@@ -382,4 +405,5 @@ def extend(llm, path, *, seq_id: int = 0, tokens=None) -> dict:
         state = live_state(llm, seq_id, like=session, tokens=tokens)
         _check_fits(llm, session, seq_id, live=state)  # the copy of the sequence is taken once
         with accelerated():
-            return append_session(session, state)
+            # appends keep each track's stored codec; the rotary parameters serve a rewrite
+            return append_session(session, state, rope=model_rope(llm, state))

@@ -86,7 +86,7 @@ def test_convert_prints_sizes_and_ratio(tmp_path):
 
 def test_k_and_v_tracks_can_take_different_codecs(tmp_path):
     src = FIXTURES / "smollm2_v10_fa1.ggsq"
-    r = cli("convert", src, "-o", tmp_path / "x.dkv", "--k-codec", "q8_0", "--keyframe-interval", "16")
+    r = cli("convert", src, "-o", tmp_path / "x.dkv", "--codec", "dkv-q4", "--k-codec", "q8_0", "--keyframe-interval", "16")
     assert r.exit_code == 0 and "30 x q8_0, 30 x dkv-q4" in r.output, r.output
     tracks = json.loads(cli("inspect", tmp_path / "x.dkv", "--json").output)["tracks"]
     by_codec = {t["codec"]: t for t in tracks}
@@ -325,7 +325,7 @@ def test_inspect_reports_the_layers_the_state_holds(tmp_path, name, layers):
 
 @needs_llama
 @pytest.mark.llama
-@pytest.mark.parametrize("codec", ["raw", "dkv-q4"])
+@pytest.mark.parametrize("codec", ["raw", "dkv-q4", "dkv-ans"])
 def test_llama_cpp_loads_restored_session_and_continues(tmp_path, codec):
     import ctypes
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from deltakv_format.codecs import CODEC_CLASSES
-from deltakv_format.constants import DEFAULT_CODEC
+from deltakv_format.constants import CODEC_DKV_ANS, DEFAULT_CODEC, DEFAULT_RATE_K, DEFAULT_RATE_V
 
 CODECS = tuple(CODEC_CLASSES)  # every registered codec class, in registration order
 from deltakv_format.errors import DeltaKVError
@@ -87,13 +87,20 @@ def main():
 @click.option("--k-codec", type=click.Choice(CODECS), help="Another codec for the K tracks (e.g. q8_0: K matters more than V).")
 @click.option("--v-codec", type=click.Choice(CODECS), help="Another codec for the V tracks.")
 @click.option("--keyframe-interval", type=click.IntRange(1, 65536), help="Rows between keyframes (delta codecs; default 32).")
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The model's GGUF: removes layout guesswork.")
+@click.option("--bits", type=click.FloatRange(0.1, 16.0), metavar="BITS",
+              help=f"Bits per K/V value of the codecs with a rate ({CODEC_DKV_ANS}): --bits 3 is rate 300 "
+                   f"(default: K {DEFAULT_RATE_K / 100:g}, V {DEFAULT_RATE_V / 100:g}); an error for other codecs.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=f"The model's GGUF: removes layout guesswork, and gives {CODEC_DKV_ANS} the rotary parameters "
+                   "to code K before rotary embedding (smaller or better files).")
 @click.option("--force", "-f", is_flag=True, help=FORCE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @friendly_errors
-def convert(input, output, codec, k_codec, v_codec, keyframe_interval, model, force, quiet):
+def convert(input, output, codec, k_codec, v_codec, keyframe_interval, bits, model, force, quiet):
     """Convert a llama.cpp state file (session, sequence or state blob) to .dkv.
 
+    With the default codec (dkv-ans), pass --model model.gguf: without it K is coded without
+    undoing the rotary embedding (valid, somewhat larger or worse).
     An existing output (also the default INPUT.dkv) is an error unless --force is given."""
     from tqdm import tqdm
 
@@ -106,7 +113,8 @@ def convert(input, output, codec, k_codec, v_codec, keyframe_interval, model, fo
     bar = tqdm(desc="encoding", unit=" tensors", disable=quiet or not sys.stderr.isatty(), leave=False)
     try:
         report = operations.convert(input, output, codec=codec, keyframe_interval=keyframe_interval,
-                                    model_path=model, progress=lambda name: bar.update(1), k_codec=k_codec, v_codec=v_codec)
+                                    model_path=model, progress=lambda name: bar.update(1), k_codec=k_codec, v_codec=v_codec,
+                                    bits=bits)
     finally:
         bar.close()
     if not quiet:
@@ -114,6 +122,10 @@ def convert(input, output, codec, k_codec, v_codec, keyframe_interval, model, fo
         click.echo(f"{input} ({_human(report.source_bytes)}) -> {output} ({_human(report.dkv_bytes)}): "
                    f"{report.ratio:.3f} of the original, {1 / report.ratio:.2f}x smaller")
         click.echo(f"K/V: {_human(report.kv_source_bytes)} -> {_human(report.kv_stored_bytes)}; tensors: {tracks}")
+        if report.rope_capable_tracks and model is None:
+            click.echo("K coded without undoing RoPE (no --model): pass --model for smaller/better files")
+        elif report.rope_capable_tracks:
+            click.echo(f"K coded with RoPE undone in {report.rope_tracks} of {report.rope_capable_tracks} K tracks")
 
 
 @main.command()

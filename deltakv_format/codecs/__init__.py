@@ -214,6 +214,34 @@ def get_codec(name: str, **params) -> "Codec":
     return cls(**taken)
 
 
+def bits_rate(bits: float) -> int:
+    """The ``rate`` parameter (hundredths of a bit per value) of ``bits`` bits per value."""
+    return int(round(float(bits) * 100))
+
+
+def codec_for_role(codec: "Codec | str", role: str, *, bits: float | None = None) -> "Codec":
+    """The codec of the tracks of ``role`` ("k" or "v"): a codec named by its id gets the class's
+    defaults for that role (``Codec.role_defaults``); a Codec object is taken as it is. ``bits``:
+    the ``rate`` of a codec that has one, as bits per value (3 -> rate 300); a codec without a
+    rate raises CodecError."""
+    if isinstance(codec, str):
+        cls = CODEC_CLASSES.get(codec)
+        if cls is None:
+            raise CodecError(f"unknown codec {codec!r}; expected one of {', '.join(CODEC_CLASSES)}")
+        codec = get_codec(codec, **cls.role_defaults.get(role, {}))
+    elif not isinstance(codec, Codec):
+        raise TypeError(f"expected a codec id or a Codec, found {type(codec).__name__}")
+    if bits is not None:
+        if "rate" not in codec.parameters:
+            with_rate = [name for name, cls in CODEC_CLASSES.items() if "rate" in cls.parameters]
+            raise CodecError(f"bits per value ({bits:g}) set the rate of the codecs that have one ({', '.join(with_rate)}); "
+                             f"codec {codec.name} has none")
+        config = codec.get_config()
+        config["rate"] = bits_rate(bits)
+        codec = Codec.from_config(config)
+    return codec
+
+
 # ---- the codecs -----------------------------------------------------------------------------
 
 
@@ -223,6 +251,9 @@ class Codec:
     name: ClassVar[str] = ""
     parameters: ClassVar[dict[str, int]] = {}
     """The parameters the codec takes, with their defaults (a subset of ``TRACK_COLUMNS``)."""
+    role_defaults: ClassVar[dict[str, dict[str, int]]] = {}
+    """Per track role ("k", "v"), defaults that replace ``parameters``' when the codec is named for
+    that role without them (:func:`codec_for_role`): dkv-ans gives K and V their own rates."""
 
     keyframe_interval: int = 1
     rotation: int = 0

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..constants import CODEC_DKV_ANS, FLOAT_TYPES, GGMLType
+from ..constants import CODEC_DKV_ANS, DEFAULT_RATE_K, DEFAULT_RATE_V, FLOAT_TYPES, GGMLType
 from ..errors import CodecError, CorruptError
 from . import ans, bounds
 from . import Codec, KIND_OF_TYPE, Part, check_finite, register_codec
@@ -23,7 +23,10 @@ from .dkv_ans import (
     parse_head,
 )
 
-DEFAULT_RATE = 440  # hundredths of a bit per K/V value; see eval/EVAL.md for what each rate measured
+# Rates are hundredths of a bit per K/V value; see eval/EVAL.md for what each rate measured. The K and
+# V defaults live in constants.py (DEFAULT_RATE_K / DEFAULT_RATE_V): a codec named without a rate for a
+# role gets that role's (``role_defaults``); one made without a role, DEFAULT_RATE.
+DEFAULT_RATE = DEFAULT_RATE_V
 SOURCE_BITS = {GGMLType.F16: 16, GGMLType.BF16: 16, GGMLType.F32: 32}
 # Side information is budgeted as if spread over at least this many rows, so that a short segment
 # (an append of a few tokens) gets the step, hence the quality, of a long one.
@@ -40,6 +43,7 @@ class DkvAnsCodec(Codec):
         "rope": 0, "rope_dims": 0, "head_dim": 0, "theta_scale_f32": 0, "freq_scale_f32": F32_ONE_BITS,
     }
     takes_context = True
+    role_defaults = {"k": {"rate": DEFAULT_RATE_K}, "v": {"rate": DEFAULT_RATE_V}}
 
     def check_parameters(self):
         if not 10 <= self.rate <= 1600:
@@ -201,4 +205,4 @@ class DkvAnsCodec(Codec):
         return ErrorBound(1, limit)
 
 
-__all__ = ["DkvAnsCodec", "TrackContext", "DEFAULT_RATE"]
+__all__ = ["DkvAnsCodec", "TrackContext", "DEFAULT_RATE", "DEFAULT_RATE_K", "DEFAULT_RATE_V"]

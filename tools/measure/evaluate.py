@@ -166,7 +166,9 @@ def _through_codec(seq_blob: memoryview, codec_name: str, params: dict, tmp: Pat
     if not params.pop("rope", True):
         rope = None
     per_role = {role: _codec_spec(params.pop(role, None)) for role in ("k_codec", "v_codec")}
-    written = write_session(state, path, get_codec(codec_name, **params), rope=rope, **per_role)
+    # by its id when it has no parameters: write_session gives it its defaults for each role
+    codec = get_codec(codec_name, **params) if params else codec_name
+    written = write_session(state, path, codec, rope=rope, **per_role)
     stored = written.stats()["kv_stored_bytes"]
     ratio = written.file_size / len(seq_blob)
     with written.open() as session:
