@@ -117,7 +117,7 @@ def test_two_segment_file_restores_the_original_and_validates(tmp_path):
     assert r.exit_code == 0, r.output
     assert operations.restore(two, tmp_path / "back.ggsn") and (tmp_path / "back.ggsn").read_bytes() == SOURCE.read_bytes()
     # a later segment that starts inside the rows held so far, on every track's keyframe
-    mixed = converted(tmp_path, "mixed.dkv", k_codec="q8_0", keyframe_interval=8)
+    mixed = converted(tmp_path, "mixed.dkv", codec="dkv-q4", k_codec="q8_0", keyframe_interval=8)
     assert validate(resegmented(mixed, tmp_path / "mixed2.dkv", [(0, 20), (8, 16)])).exit_code == 0
 
 
@@ -145,7 +145,7 @@ def test_segment_that_starts_past_the_rows_held_so_far(tmp_path, segments, messa
 
 def test_segment_off_the_keyframe_of_one_track(tmp_path):
     # K is q8_0 (keyframe interval 1), V dkv-q4 with interval 8: row 12 suits K only
-    mixed = converted(tmp_path, k_codec="q8_0", keyframe_interval=8)
+    mixed = converted(tmp_path, codec="dkv-q4", k_codec="q8_0", keyframe_interval=8)
     r = validate(resegmented(mixed, tmp_path / "bad.dkv", [(0, 24), (12, 12)]))
     assert r.exit_code == 1 and problems(r) == ["segment 1 of s0.l0.v does not start on a keyframe"], r.output
 
