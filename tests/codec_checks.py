@@ -126,7 +126,8 @@ def check_encode_decode(codec: Codec, rows: np.ndarray, ggml_type) -> dict:
 
     decoded = codec.decode(parts, ggml_type, n_values, 0, n_rows)
     assert decoded.shape == rows.shape and decoded.dtype == BITS_DTYPE[ggml_type]
-    ref = reference.decode_parts(codec.name, parts, ggml_type, codec.keyframe_interval, codec.rotation)
+    ref = reference.decode_parts(codec.name, parts, ggml_type, codec.keyframe_interval, codec.rotation,
+                                 params=dict(codec.extra_parameters(), n_values=n_values))
     assert _bytes(ref) == _bytes(decoded), f"{codec}: Numba and the numpy reference decoder differ"
     for lo, hi in [(0, 1), (1, n_rows), (n_rows // 2, n_rows), (n_rows - 1, n_rows), (3, 3)]:
         assert _bytes(codec.decode(parts, ggml_type, n_values, lo, hi)) == _bytes(decoded[lo:hi]), (codec, lo, hi)

@@ -54,11 +54,13 @@ def tracks(draw):
 def test_round_trip_matches_reference_and_error_is_bounded(track, codec_name, interval, rotation):
     ggml_type, bits = track
     rows, cols = bits.shape
-    params = {"keyframe_interval": interval, "rotation": rotation} if CODEC_CLASSES[codec_name].parameters else {}
+    takes = CODEC_CLASSES[codec_name].parameters
+    params = {k: v for k, v in (("keyframe_interval", interval), ("rotation", rotation)) if k in takes}
     codec = codec_for_track(get_codec(codec_name, **params), ggml_type, cols)
     parts = codec.encode(bits, ggml_type)
     out = codec.decode(parts, ggml_type, cols, 0, rows)
-    ref = reference.decode_parts(codec.name, parts, ggml_type, codec.keyframe_interval, codec.rotation)
+    ref = reference.decode_parts(codec.name, parts, ggml_type, codec.keyframe_interval, codec.rotation,
+                                 params=dict(codec.extra_parameters(), n_values=cols))
     assert np.array_equal(np.ascontiguousarray(out).view(np.uint8), np.ascontiguousarray(ref).view(np.uint8))
     assert codec.rows_of_parts(parts) == rows
     check_bound_holds(codec, parts, ggml_type, bits, out)  # the bound the codec proves (SPEC.md 6.4)
@@ -68,6 +70,8 @@ def test_round_trip_matches_reference_and_error_is_bounded(track, codec_name, in
     if codec.name == "raw" or (codec.name == "f16" and ggml_type == GGMLType.F16):
         assert np.array_equal(out, bits)
         return
+    if codec.name == "dkv-ans":
+        return  # one step per segment, set by the rate: its error is not relative to a block (bound above)
     # Error bound per 32-value block, relative to the block's largest magnitude: Q4_0 maps the
     # largest value to code -8, so the opposite side can be off by one step (1/8); delta rows
     # quantize residuals that can reach twice the block's range. Plus the output's own rounding.

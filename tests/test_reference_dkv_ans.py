@@ -78,14 +78,15 @@ def test_reference_agrees_on_codec_output(ggml_type, rope):
 
 
 def test_codec_output_escapes():
-    """The outlier rows above do reach the escape symbol (so the comparisons cover it)."""
+    """The outlier rows above leave the direct symbols: by escapes or by a class shift (the encoder's
+    choice; the hand-built streams below cover escapes whatever it chooses)."""
     rng = np.random.default_rng(5)
     codec = codec_of("none", 8, 0)
     parts = codec.encode(bits_of(kv_rows(rng, 40, 64, True), GGMLType.F32), GGMLType.F32)
     head = bytes(parts["head"])
     n_classes = int.from_bytes(head[8:10], "little")
-    freqs = np.frombuffer(head[12 + 3 * 64:12 + 3 * 64 + 66 * n_classes], np.uint8).reshape(n_classes, 66)[:, 2:]
-    assert freqs.copy().view("<u2")[:, ans.ESCAPE].any()
+    tables = np.frombuffer(head[12 + 3 * 64:12 + 3 * 64 + 66 * n_classes], np.uint8).reshape(n_classes, 66)
+    assert tables[:, 2:].copy().view("<u2")[:, ans.ESCAPE].any() or tables[:, 0].any()
 
 
 def handmade(rng, n_rows, width, stream_rows, shifts, escape_rate):
