@@ -13,8 +13,6 @@ CODEC_ROWS = [
     ("delta-q4_0 kf64", "delta-q4_0", {"keyframe_interval": 64}),
     ("dkv-q4 kf32 (default)", "dkv-q4", {"keyframe_interval": 32}),
     ("dkv-q4 kf64", "dkv-q4", {"keyframe_interval": 64}),
-    # the default codec by its id: K and V at their default rates (DEFAULT_RATE_K / _V), K before RoPE
-    ("dkv-ans (default)", "dkv-ans", {}),
     # per-role codecs (write_session k_codec / v_codec): which half of the cache the KL comes from
     ("dkv-q4 on K only (V f16)", "dkv-q4", {"v_codec": "f16"}),
     ("dkv-q4 on V only (K f16)", "dkv-q4", {"k_codec": "f16"}),
