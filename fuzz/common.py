@@ -327,11 +327,18 @@ def _generic(data: bytes, rnd: random.Random, max_size: int) -> bytes:
 
 
 _STRINGS = ["", "kv", "opaque", "attention", "outputs", "recurrent", "raw", "f16", "q8_0", "q4_0", "delta-q4_0",
-            "dkv-q4", "zstd", "ggsn", "ggsq", "state", "seqstate", "v9", "v9-outputs", "v9-outputs-streams", "v10",
+            "dkv-q4", "dkv-ans", "zstd", "ggsn", "ggsq", "state", "seqstate", "v9", "v9-outputs", "v9-outputs-streams", "v10",
             "v11", "plain", "packed", "none", "llama", "s0.l0.k", "s0.l0.v", "s1.l0.k", "s0.l1.k", "deltakv",
             "\u00e9", "x" * 300]
 _NAMES = ["tokens.0", "tokens.1", "token_blob", "section.0", "section.1", "s0.cells.0", "s0.cells.1", "s1.cells.0",
-          "s0.l0.k.0.data", "s0.l0.k.0.key", "s0.l0.k.0.q4", "s0.l0.k.0.mode", "s0.l0.v.0.data", "s0.l0.k.1.key"]
+          "s0.l0.k.0.data", "s0.l0.k.0.key", "s0.l0.k.0.q4", "s0.l0.k.0.mode", "s0.l0.v.0.data", "s0.l0.k.1.key",
+          "s0.l0.k.0.sink", "s0.l0.k.0.head", "s0.l0.k.1.head", "s0.l0.k.1.data"]
+# deltakv.track.params values (format v2): hostile codec parameters, each a JSON string
+_PARAMS = ['{}', '[]', '{"rate":"x"}', '{"rope":3}', '{"stream_rows":0}', '{"sink_rows":-1}', '{"rate":1e9}',
+           '{"rope":1,"rope_dims":64,"head_dim":7,"theta_scale_f32":1060283654}',
+           '{"rope":2,"rope_dims":256,"head_dim":256,"theta_scale_f32":4294967295}',
+           '{"rope":1,"rope_dims":64,"head_dim":64,"theta_scale_f32":1060283654,"freq_scale_f32":2143289344}',
+           '{"stream_rows":1,"sink_rows":65536}', '{"unknown":1}', '{"rate":440' ]
 _SIGNED = {GGUFValueType.INT8, GGUFValueType.INT16, GGUFValueType.INT32, GGUFValueType.INT64}
 _WIDTH = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
           GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8,
@@ -444,6 +451,45 @@ def mutate_dkv_semantic(data: bytes, rnd: random.Random):
         return None  # not representable (e.g. a value out of its type's range)
 
 
+def mutate_dkv_ans_parts(data: bytes, rnd: random.Random):
+    """Format v2: change bytes of a dkv-ans ``head`` (step, means, class tables, stream offsets) or set
+    a track's ``deltakv.track.params`` to a hostile value; re-serialised with valid checksums."""
+    from deltakv_format.container import KEY_RESERVE, build_header
+    from deltakv_format.gguf_io import KeyValue
+
+    try:
+        h = parse_header(data, what="fuzz")
+    except DeltaKVError:
+        return None
+    if h.data_start > len(data):
+        return None
+    kvs = [kv for kv in h.kvs.values() if kv.key not in (KEY_HEADER_CRC, KEY_TENSOR_CRC, KEY_RESERVE)]
+    infos = list(h.tensors)
+    section = bytearray(data[h.data_start:])
+    heads = [t for t in infos if t.name.endswith(".head") and t.offset + t.nbytes <= len(section) and t.nbytes]
+    params = next((i for i, kv in enumerate(kvs) if kv.key == "deltakv.track.params"), None)
+    if heads and (params is None or rnd.random() < 0.6):
+        t = rnd.choice(heads)
+        for _ in range(rnd.choice((1, 1, 2, 4))):
+            w = rnd.choice((1, 2, 4))
+            i = t.offset + rnd.randrange(max(t.nbytes - w + 1, 1))
+            w = min(w, t.offset + t.nbytes - i)
+            section[i:i + w] = interesting(int.from_bytes(section[i:i + w], "little"), w, rnd, t.nbytes).to_bytes(w, "little")
+    elif params is not None and len(kvs[params].value):
+        kv = kvs[params]
+        values = list(kv.value)
+        values[rnd.randrange(len(values))] = rnd.choice(_PARAMS)
+        kvs[params] = KeyValue(kv.key, kv.value_type, values, kv.element_type)
+    else:
+        return None
+    try:
+        crcs = [crc32c(bytes(section[t.offset:t.offset + t.nbytes])) if t.offset + t.nbytes <= len(section) else 0
+                for t in infos]
+        return build_header(kvs, infos, crcs, None) + bytes(section)
+    except (ValueError, OverflowError, struct.error, KeyError, TypeError, UnicodeError):
+        return None
+
+
 def mutate_dkv(data: bytes, max_size: int, seed: int, generic=None) -> bytes:
     """Key-value / tensor-info mutations re-serialised with valid checksums (half the time), raw
     header-field mutations, or byte-level ones, mostly with the checksums fixed afterwards."""
@@ -451,7 +497,7 @@ def mutate_dkv(data: bytes, max_size: int, seed: int, generic=None) -> bytes:
     generic = generic or (lambda d, m: _generic(d, rnd, m))
     r = rnd.random()
     if r < 0.5:
-        out = mutate_dkv_semantic(data, rnd)
+        out = mutate_dkv_ans_parts(data, rnd) if rnd.random() < 0.2 else mutate_dkv_semantic(data, rnd)
         if out is not None and len(out) <= max_size:
             return out
     if r < 0.75:
@@ -571,14 +617,14 @@ def make_dkv_seeds(outdir) -> list[Path]:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     made = []
-    codecs = ("raw", "f16", "q8_0", "q4_0", "delta-q4_0", "dkv-q4")
+    codecs = ("raw", "f16", "q8_0", "q4_0", "delta-q4_0", "dkv-q4", "dkv-ans")
     for i, (name, state) in enumerate(small_fixture_states().items()):
         codec = codecs[i % len(codecs)]
         p = outdir / f"{name}_{codec}.dkv"
         _write_small_reserve(state, p, codec)
         made.append(p)
     small = FIXTURES / "smollm2_v10_2streams_fa1_seq1.seqstate"
-    for codec in ("q8_0", "dkv-q4"):  # full size, default header reserve
+    for codec in ("q8_0", "dkv-q4", "dkv-ans"):  # full size, default header reserve
         convert(small, outdir / f"seq1_{codec}.dkv", codec=codec)
         made.append(outdir / f"seq1_{codec}.dkv")
     import sys
@@ -586,7 +632,7 @@ def make_dkv_seeds(outdir) -> list[Path]:
     sys.path.insert(0, str(ROOT))
     from tests.synthetic import SyntheticContext
 
-    for codec in ("raw", "dkv-q4", "delta-q4_0"):
+    for codec in ("raw", "dkv-q4", "delta-q4_0", "dkv-ans"):
         ctx = SyntheticContext(n_max=120, n_layer=1, n_values=64, seed=5, ext_bytes=12 if codec == "raw" else 0)
         p = outdir / f"syn_append_{codec}.dkv"
         _write_small_reserve(ctx.state(20), p, codec)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 import pytest
 
 from deltakv_format.llama_state import parse_state, write_state
@@ -69,5 +71,33 @@ def test_state_parser_contract(tmp_path):
     target = StateTarget(tmp_path)
     try:
         _run(target, corpus, mutate_state, seed=11434)
+    finally:
+        target.cleanup()
+
+
+def test_dkv_ans_reader_contract(tmp_path):
+    """Format v2: dkv-ans sessions (K with and without rotary parameters, appended segments) under
+    the mutators, including hostile heads and deltakv.track.params (mutate_dkv_ans_parts)."""
+    from deltakv_format.model_info import RopeParams
+    from deltakv_format.session import append_session, write_session
+
+    from .synthetic import SyntheticContext
+
+    corpus = []
+    for i, (name, state) in enumerate(_fixture_states().items()):
+        if state.kv_sections[0].streams[0].k[0].ggml_type != 1:
+            continue
+        rope = [[RopeParams("norm", 64, 64, float(np.float32(1e5) ** np.float32(-2 / 64)), 1.0)] * 2] * 2
+        p = tmp_path / f"{i}.dkv"
+        write_session(state, p, "dkv-ans", rope=rope if i % 2 else None)
+        corpus.append(p.read_bytes())
+    ctx = SyntheticContext(n_max=60, n_layer=1, n_values=64, seed=5)
+    p = tmp_path / "append.dkv"
+    write_session(ctx.state(20), p, "dkv-ans")
+    append_session(p, ctx.state(45))
+    corpus.append(p.read_bytes())
+    target = DkvTarget(tmp_path)
+    try:
+        _run(target, corpus, mutate_dkv, seed=20261202)
     finally:
         target.cleanup()
