@@ -213,22 +213,64 @@ def build_decode_table(freqs):
 
 @njit(inline="always", cache=True)
 def _next_word(x, words, w, last):
-    """Renormalise: below RANS_LOW the state takes in the next word. Reads past the stream's end are
-    clamped to the array and counted, so the end-of-stream check (w == end) catches them."""
-    if x < RANS_LOW:
-        x = (x << 16) | np.int64(words[min(w, last)])
-        w += 1
-    return x, w
+    """Renormalise, without a branch: below RANS_LOW the state takes in the next word. Reads past the
+    stream's end are clamped to the array and counted, so the end-of-stream check (w == end) catches them."""
+    need = np.int64(x < RANS_LOW)
+    word = np.int64(words[min(w, last)])
+    return (x << (need * 16)) | (word * need), w + need
 
 
 @njit(inline="always", cache=True)
 def _uniform_bits(x, words, w, last, bits):
-    """A uniform ``bits``-bit symbol (1..8 bits; frequency 2^(12 - bits) each)."""
+    """A uniform ``bits``-bit symbol (0..8 bits; frequency 2^(12 - bits) each). Zero bits: the identity."""
     slot = x & (PROB_SCALE - 1)
     v = slot >> (PROB_BITS - bits)
     x = ((x >> PROB_BITS) << (PROB_BITS - bits)) + (slot & ((1 << (PROB_BITS - bits)) - 1))
     x, w = _next_word(x, words, w, last)
     return v, x, w
+
+
+@njit(inline="always", cache=True)
+def _decode_code(x, w, dec, j, k, words, last):
+    """One value's integer code q (SPEC.md 6.5): its class symbol, an escape's two bytes, its k low bits."""
+    e = np.int64(dec[j, x & (PROB_SCALE - 1)])
+    sym = e & 31
+    x = ((e >> 5) & 0x1FFF) * (x >> PROB_BITS) + (e >> 18)
+    x, w = _next_word(x, words, w, last)
+    if sym == ESCAPE:
+        lo8, x, w = _uniform_bits(x, words, w, last, 8)
+        hi8, x, w = _uniform_bits(x, words, w, last, 8)
+        u = lo8 | (hi8 << 8)
+        qq = u - 65536 if u >= 32768 else u
+    else:
+        qq = sym - DIRECT_MAX
+    low, x, w = _uniform_bits(x, words, w, last, min(k, 8))
+    if k > 8:
+        high, x, w = _uniform_bits(x, words, w, last, k - 8)
+        low = low | (high << 8)
+    return qq * (1 << k) + low, x, w
+
+
+@njit(inline="always", cache=True)
+def _stream_bounds(starts, s, n_words):
+    w = np.int64(starts[s])
+    return w, (np.int64(starts[s + 1]) if s + 1 < starts.shape[0] else np.int64(n_words))
+
+
+@njit(inline="always", cache=True)
+def _initial_state(words, w):
+    return np.int64(words[w]) | (np.int64(words[w + 1]) << 16), w + 2
+
+
+@njit(inline="always", cache=True)
+def _finish_row(v, r, row_lo, row_hi, table, n_heads, head_dim, n_rot, mode, kind, out):
+    if row_lo <= r < row_hi:
+        if mode != ROPE_NONE:
+            _rotate_row(v, table[r - row_lo], n_heads, head_dim, n_rot, mode)
+        emit_row(v, 0, out[r - row_lo], 0, v.shape[0], kind)
+
+
+LANES = 4  # streams decoded together by one thread: their state updates are independent (latency hidden)
 
 
 @njit(parallel=True, **_JIT)
@@ -237,7 +279,9 @@ def decode_streams(words, starts, n_words, n_rows, stream_rows, classes, shifts,
     """Decode coded rows [row_lo, row_hi) into ``out`` (element bits); returns the first corrupt stream or -1.
 
     ``table``: (rows, pairs, 2) f32 cos/sin for the rows [row_lo, row_hi) (unused when mode is 0).
-    A stream read to its end must end in the encoder's initial state having used exactly its words."""
+    A stream read to its end must end in the encoder's initial state having used exactly its words.
+    Whole streams that end by row_hi go LANES at a time (same symbol count each); the rest one by one,
+    stopping at row_hi (the end-of-stream check is then skipped, as SPEC.md 6.5 allows)."""
     width = classes.shape[0]
     dec = build_decode_table(freqs)
     column_shift = np.empty(width, np.int64)
@@ -245,50 +289,75 @@ def decode_streams(words, starts, n_words, n_rows, stream_rows, classes, shifts,
         column_shift[c] = shifts[classes[c]]
     first_stream = row_lo // stream_rows
     last_stream = (row_hi + stream_rows - 1) // stream_rows
+    # streams that end by row_hi, read to their end (a stream reaching past row_hi stops there, below)
+    n_full = max(min(last_stream, min(n_rows, row_hi) // stream_rows) - first_stream, 0)
+    n_groups = n_full // LANES
     bad_stream = np.full(max(last_stream - first_stream, 0), -1, np.int64)
     n_heads = width // head_dim if head_dim > 0 else 0
     last = max(np.int64(n_words) - 1, 0)
-    for si in prange(last_stream - first_stream):
+    for g in prange(n_groups):
+        s0 = first_stream + g * LANES
+        wa, ea = _stream_bounds(starts, s0, n_words)
+        wb, eb = _stream_bounds(starts, s0 + 1, n_words)
+        wc, ec = _stream_bounds(starts, s0 + 2, n_words)
+        wd, ed = _stream_bounds(starts, s0 + 3, n_words)
+        if ea - wa < 2 or eb - wb < 2 or ec - wc < 2 or ed - wd < 2 or ed > n_words:
+            for lane in range(LANES):
+                bad_stream[g * LANES + lane] = s0 + lane
+            continue
+        xa, wa = _initial_state(words, wa)
+        xb, wb = _initial_state(words, wb)
+        xc, wc = _initial_state(words, wc)
+        xd, wd = _initial_state(words, wd)
+        va = np.empty(width, np.float32)
+        vb = np.empty(width, np.float32)
+        vc = np.empty(width, np.float32)
+        vd = np.empty(width, np.float32)
+        for i in range(stream_rows):
+            for c in range(width):
+                j = classes[c]
+                k = column_shift[c]
+                m = means[c]
+                qa, xa, wa = _decode_code(xa, wa, dec, j, k, words, last)
+                qb, xb, wb = _decode_code(xb, wb, dec, j, k, words, last)
+                qc, xc, wc = _decode_code(xc, wc, dec, j, k, words, last)
+                qd, xd, wd = _decode_code(xd, wd, dec, j, k, words, last)
+                va[c] = np.float32(qa) * step + m
+                vb[c] = np.float32(qb) * step + m
+                vc[c] = np.float32(qc) * step + m
+                vd[c] = np.float32(qd) * step + m
+            r = s0 * stream_rows + i
+            _finish_row(va, r, row_lo, row_hi, table, n_heads, head_dim, n_rot, mode, kind, out)
+            _finish_row(vb, r + stream_rows, row_lo, row_hi, table, n_heads, head_dim, n_rot, mode, kind, out)
+            _finish_row(vc, r + 2 * stream_rows, row_lo, row_hi, table, n_heads, head_dim, n_rot, mode, kind, out)
+            _finish_row(vd, r + 3 * stream_rows, row_lo, row_hi, table, n_heads, head_dim, n_rot, mode, kind, out)
+        base = g * LANES
+        if xa != RANS_LOW or wa != ea:
+            bad_stream[base] = s0
+        if xb != RANS_LOW or wb != eb:
+            bad_stream[base + 1] = s0 + 1
+        if xc != RANS_LOW or wc != ec:
+            bad_stream[base + 2] = s0 + 2
+        if xd != RANS_LOW or wd != ed:
+            bad_stream[base + 3] = s0 + 3
+    for si in prange(n_groups * LANES, last_stream - first_stream):
         s = first_stream + si
-        w = np.int64(starts[s])
-        w_end = np.int64(starts[s + 1]) if s + 1 < starts.shape[0] else np.int64(n_words)
+        w, w_end = _stream_bounds(starts, s, n_words)
         v = np.empty(width, np.float32)
         if w_end - w < 2 or w_end > n_words:
             bad_stream[si] = s
             continue
-        x = np.int64(words[w]) | (np.int64(words[w + 1]) << 16)
-        w += 2
+        x, w = _initial_state(words, w)
         r0 = s * stream_rows
         r1 = min(r0 + stream_rows, n_rows)
         r_stop = min(r1, row_hi)
         for r in range(r0, r_stop):
             for c in range(width):
-                e = np.int64(dec[classes[c], x & (PROB_SCALE - 1)])
-                sym = e & 31
-                x = ((e >> 5) & 0x1FFF) * (x >> PROB_BITS) + (e >> 18)
-                x, w = _next_word(x, words, w, last)
-                if sym == ESCAPE:
-                    lo8, x, w = _uniform_bits(x, words, w, last, 8)
-                    hi8, x, w = _uniform_bits(x, words, w, last, 8)
-                    u = lo8 | (hi8 << 8)
-                    qq = u - 65536 if u >= 32768 else u
-                else:
-                    qq = sym - DIRECT_MAX
-                k = column_shift[c]
-                if k > 0:
-                    low, x, w = _uniform_bits(x, words, w, last, min(k, 8))
-                    if k > 8:
-                        high, x, w = _uniform_bits(x, words, w, last, k - 8)
-                        low = low | (high << 8)
-                    qq = qq * (1 << k) + low
+                qq, x, w = _decode_code(x, w, dec, classes[c], column_shift[c], words, last)
                 v[c] = np.float32(qq) * step + means[c]
             if w > w_end:
                 break  # ran past its words: corrupt (reported below)
-            if r < row_lo:
-                continue
-            if mode != ROPE_NONE:
-                _rotate_row(v, table[r - row_lo], n_heads, head_dim, n_rot, mode)
-            emit_row(v, 0, out[r - row_lo], 0, width, kind)
+            _finish_row(v, r, row_lo, row_hi, table, n_heads, head_dim, n_rot, mode, kind, out)
         if w > w_end or (r_stop == r1 and (x != RANS_LOW or w != w_end)):
             bad_stream[si] = s
     for si in range(bad_stream.shape[0]):
