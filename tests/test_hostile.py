@@ -261,9 +261,9 @@ def test_wrong_magic_and_versions(base_dkv, tmp_path):
     rejects(UnsupportedVersionError, lambda: DkvFile(write(tmp_path, patch(raw, 4, "<I", 4))),
             "expected GGUF version 3, found 4", offset=4)
     kvs, infos, data = parts_of(base_dkv)
-    raw2 = assemble(with_kv(kvs, "deltakv.version", U32, 2), infos, data)
-    rejects(UnsupportedVersionError, lambda: DkvFile(write(tmp_path, raw2)), "format version 2",
-            "implements version 1")
+    raw2 = assemble(with_kv(kvs, "deltakv.version", U32, 3), infos, data)
+    rejects(UnsupportedVersionError, lambda: DkvFile(write(tmp_path, raw2)), "format version 3",
+            "implements versions 1, 2")
 
 
 def test_architecture_of_another_type(base_dkv, tmp_path):
@@ -311,7 +311,7 @@ def test_cells_claimed_beyond_the_cell_records(base_dkv, tmp_path):
                               ("deltakv.track.name", STR, []), ("deltakv.track.ggml_type", U32, []),
                               ("deltakv.track.n_values", U64, []), ("deltakv.track.transposed", U8, []),
                               ("deltakv.track.codec", STR, []), ("deltakv.track.keyframe_interval", U32, []),
-                              ("deltakv.track.rotation", U32, [])):
+                              ("deltakv.track.rotation", U32, []), ("deltakv.track.params", STR, [])):
         kvs = with_array(kvs, key, etype, value)
     p = write(tmp_path, assemble(kvs, infos, data))
     rejects(CorruptError, lambda: open_all(p), f"{n} cell records need at least {8 * n} bytes", "found")

@@ -54,17 +54,32 @@ def test_save_in_one_process_load_and_continue_in_another(tmp_path):
 
 
 def test_default_codec_continues_close_to_the_original(tmp_path):
-    llm = make_llama()
-    llm.eval(prompt_tokens(llm, 400))
-    expected = greedy(llm, 24)
+    """Teacher-forced: the next 48 tokens of the text fed to the original and to the restored context;
+    their next-token distributions stay close (KL, the measure of eval/EVAL.md) and agree on the top
+    token almost everywhere. (Greedy continuations would cascade from one near-tie flip.)"""
     from deltakv_runtime import load, save
 
+    toks = prompt_tokens(make_llama(), 448)
+    head, tail = toks[:400], toks[400:]
+    llm = make_llama(logits_all=True)
+    llm.eval(head)
     save(llm, tmp_path / "s.dkv")
-    llm2 = make_llama()
+    llm.eval(tail)
+    ref = np.array(llm.scores[400:448], np.float64)
+    llm2 = make_llama(logits_all=True)
     load(llm2, tmp_path / "s.dkv")
-    got = greedy(llm2, 24)
-    agreement = np.mean(np.array(got) == np.array(expected))
-    assert agreement >= 0.5, (got, expected)
+    assert llm2.n_tokens == 400
+    llm2.eval(tail)
+    got = np.array(llm2.scores[400:448], np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    p, q = log_softmax(ref), log_softmax(got)
+    kl = float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
+    top1 = float(np.mean(ref.argmax(1) == got.argmax(1)))
+    assert kl < 0.05 and top1 >= 0.9, (kl, top1)
     assert os.path.getsize(tmp_path / "s.dkv") < 0.45 * 400 * 23040  # f16 K+V of 30 layers x 192 values
 
 

@@ -76,7 +76,12 @@ def test_payload_damaged_after_its_checksum_was_recomputed_is_caught(codec_id, t
     for part_name in names:
         bad = tmp_path / f"bad-{part_name}.dkv"
         _rewrite_with_fresh_checksums(good, bad, part_name)
-        assert validate(bad).ok, f"{part_name}: the damaged file must be a valid container"
+        structural = validate(bad)
+        if not structural.ok:
+            # a part whose fields the reader checks (dkv-ans's head: row count, tables, offsets)
+            # is refused as it is opened: the damage is caught before any bound is needed
+            assert part_name.endswith(".head") and structural.problems, (part_name, structural.problems)
+            continue
         report = validate(bad, against=source)
         assert not report.ok, f"{part_name}: damage after the checksums went unnoticed"
         track = part_name.rsplit(".", 2)[0]
