@@ -135,22 +135,28 @@ CLASS_BINS_PER_OCTAVE = 3  # finer classes fit each column's spread better; each
 SHIFT_OFFSET = 1  # q >> shift keeps a spread of 1..2 codes: heavy-tailed columns rarely escape (measured best of 0..3)
 
 
-def _octaves(q: np.ndarray) -> np.ndarray:
-    """Class key of each column: its RMS code, in thirds of an octave."""
+SMALL_SEGMENT_VALUES = 1 << 14  # below this many coded values a class table (66 bytes) costs more than it fits
+
+
+def bins_per_octave(n_coded_values: int) -> int:
+    return CLASS_BINS_PER_OCTAVE if n_coded_values >= SMALL_SEGMENT_VALUES else 1
+
+
+def _octaves(q: np.ndarray, bins: int) -> np.ndarray:
+    """Class key of each column: its RMS code, in 1/bins of an octave."""
     spread = np.sqrt(np.mean(q.astype(np.float64) ** 2, axis=0))
-    b = CLASS_BINS_PER_OCTAVE
-    return np.clip(np.rint(b * np.log2(np.maximum(spread, 2.0 ** -5))), -5 * b, 14 * b).astype(np.int64)
+    return np.clip(np.rint(bins * np.log2(np.maximum(spread, 2.0 ** -5))), -5 * bins, 14 * bins).astype(np.int64)
 
 
-def _shift_of_octave(key: np.ndarray) -> np.ndarray:
+def _shift_of_octave(key: np.ndarray, bins: int) -> np.ndarray:
     """Low bits sent as they are: q >> shift then spreads over about +-4 (within the direct symbols)."""
-    return np.clip(np.floor_divide(key, CLASS_BINS_PER_OCTAVE) - SHIFT_OFFSET, 0, ans.MAX_SHIFT)
+    return np.clip(np.floor_divide(key, bins) - SHIFT_OFFSET, 0, ans.MAX_SHIFT)
 
 
-def _class_histograms(q: np.ndarray, octave: np.ndarray):
+def _class_histograms(q: np.ndarray, octave: np.ndarray, bins: int):
     """(class keys, per-class symbol counts, escape count, raw bits) of codes q by column octave."""
     keys, column_class = np.unique(octave, return_inverse=True)
-    shift = _shift_of_octave(octave)
+    shift = _shift_of_octave(octave, bins)
     high = q.astype(np.int64) >> shift[None, :]
     symbol = np.where(np.abs(high) <= ans.DIRECT_MAX, high + ans.DIRECT_MAX, ans.ESCAPE)
     index = column_class[None, :] * ans.N_SYMBOLS + symbol
@@ -166,10 +172,10 @@ def _entropy_bits(counts: np.ndarray) -> float:
         return float(-(counts * np.log2(p)).sum())
 
 
-def _estimate_bits(z: np.ndarray, step: float) -> float:
+def _estimate_bits(z: np.ndarray, step: float, bins: int) -> float:
     q = np.rint(z / step)
-    octave = _octaves(q)
-    keys, counts, escapes, raw_bits = _class_histograms(q.astype(np.int64), octave)
+    octave = _octaves(q, bins)
+    keys, counts, escapes, raw_bits = _class_histograms(q.astype(np.int64), octave, bins)
     return _entropy_bits(counts) + raw_bits + 16 * escapes, len(keys)
 
 
@@ -189,7 +195,7 @@ def normalize_frequencies(counts: np.ndarray) -> np.ndarray:
     return freqs
 
 
-def choose_step(z: np.ndarray, bits_per_value: float) -> float:
+def choose_step(z: np.ndarray, bits_per_value: float, bins: int = CLASS_BINS_PER_OCTAVE) -> float:
     """Bisection on log(step) so that the coded rows' estimated bits per value meet the budget."""
     rows = z if z.shape[0] <= SEARCH_ROWS else z[np.linspace(0, z.shape[0] - 1, SEARCH_ROWS).astype(np.int64)]
     peak = float(np.abs(z).max()) if z.size else 0.0
@@ -201,7 +207,7 @@ def choose_step(z: np.ndarray, bits_per_value: float) -> float:
     target = bits_per_value * rows.size
     for _ in range(22):
         mid = 0.5 * (lo + hi)
-        bits, _ = _estimate_bits(rows, float(np.exp(mid)))
+        bits, _ = _estimate_bits(rows, float(np.exp(mid)), bins)
         if bits > target:
             lo = mid
         else:
@@ -220,15 +226,16 @@ def encode_segment(values: np.ndarray, table: np.ndarray | None, *, rate_bits: f
     means = means16.astype(np.float32)
     z = pre - means.astype(np.float64)
     budget = max((rate_bits * n * width - side_bits) / (n * width), 0.05)
-    step = np.float32(choose_step(z, budget))
+    bins = bins_per_octave(z.size)
+    step = np.float32(choose_step(z, budget, bins))
     # the decoder computes f32(q) * step + mean: the codes are chosen for that step, from f64 values
     q = ans.quantize(z, float(step))
     if np.abs(q).max(initial=0) >= 1 << 15:
         raise CodecError(f"codes up to {int(np.abs(q).max())} at step {float(step)!r}: beyond 16 bits")
-    octave = _octaves(q)
-    keys, counts, _, _ = _class_histograms(q.astype(np.int64), octave)
+    octave = _octaves(q, bins)
+    keys, counts, _, _ = _class_histograms(q.astype(np.int64), octave, bins)
     classes = np.searchsorted(keys, octave).astype(np.uint8)
-    shifts = _shift_of_octave(keys).astype(np.uint8)
+    shifts = _shift_of_octave(keys, bins).astype(np.uint8)
     freqs = np.stack([normalize_frequencies(c) for c in counts]).astype(np.uint16)
     cum = np.zeros((len(keys), ans.N_SYMBOLS + 1), np.int64)
     cum[:, 1:] = np.cumsum(freqs.astype(np.int64), axis=1)
