@@ -244,6 +244,8 @@ def _decode_code(x, w, dec, j, k, words, last):
         qq = u - 65536 if u >= 32768 else u
     else:
         qq = sym - DIRECT_MAX
+    if k == 0:
+        return qq, x, w
     low, x, w = _uniform_bits(x, words, w, last, min(k, 8))
     if k > 8:
         high, x, w = _uniform_bits(x, words, w, last, k - 8)
