@@ -24,6 +24,9 @@ CODEC_ROWS = [
     ("dkv-ans 4.4, K without RoPE undone", "dkv-ans", {"rate": 440, "rope": False}),
     ("dkv-ans on K only (V f16)", "dkv-ans", {"rate": 440, "v_codec": "f16"}),
     ("dkv-ans on V only (K f16)", "dkv-ans", {"rate": 440, "k_codec": "f16"}),
+    # how the bits split between K and V: more for V (Gemma 3's V is the costly half at 4.4 / 4.4)
+    ("dkv-ans K 3.9 + V 4.9", "dkv-ans", {"rate": 490, "k_codec": ("dkv-ans", {"rate": 390})}),
+    ("K dkv-ans 4.0 + V dkv-q4", "dkv-q4", {"k_codec": ("dkv-ans", {"rate": 400})}),
 ]
 REFERENCE_ROWS = ["llama.cpp cache q8_0", "llama.cpp cache q4_0", "f16 noise floor"]
 ROW_LABELS = [label for label, _, _ in CODEC_ROWS] + REFERENCE_ROWS
