@@ -263,10 +263,14 @@ CODEC_DKV_Q4 = "dkv-q4"
 CODEC_DKV_ANS = "dkv-ans"
 DEFAULT_CODEC = CODEC_DKV_ANS
 """The codec a writer uses when none is named (``write_session``, ``deltakv convert``, the runtime)."""
-DEFAULT_RATE_K = 440  # dkv-ans rate of K tracks (hundredths of a bit per value): eval/EVAL.md
+DEFAULT_RATE_K = 400
 """dkv-ans rate of the K tracks when the codec is named without a rate (hundredths of a bit per value)."""
-DEFAULT_RATE_V = 440  # and of V tracks
-"""dkv-ans rate of the V tracks when the codec is named without a rate (hundredths of a bit per value)."""
+DEFAULT_RATE_V = 440
+"""dkv-ans rate of the V tracks when V is given dkv-ans by name without a rate (``--v-codec dkv-ans``)."""
+DEFAULT_V_CODEC = CODEC_DKV_Q4
+"""The V tracks' codec when the default codec is named for both roles (and no ``bits``): K then goes
+through dkv-ans (RoPE undone) and V through dkv-q4, which measured better for V at the bits K saves
+(eval/EVAL.md: Gemma 3's V through dkv-ans at 4.4 or 4.9 bits cost more KL than dkv-q4 at 4.9)."""
 DEFAULT_KEYFRAME_INTERVAL = 32
 ROTATION_SIZES = (0, 16, 64, 256)
 """Allowed Walsh-Hadamard sizes: powers of four, so that 1/sqrt(size) is an exact power of two."""

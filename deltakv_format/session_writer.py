@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import Codec, TrackContext, codec_for_role, codec_for_track, get_codec
-from .constants import DEFAULT_CODEC, HEADER_RESERVE_APPENDS, GGMLType
+from .constants import DEFAULT_CODEC, DEFAULT_V_CODEC, HEADER_RESERVE_APPENDS, GGMLType
 from .container import TensorData, base_kvs, write_container, write_container_to
 from .errors import CodecError, CorruptError
 from .gguf_io import KeyValue
@@ -100,10 +100,14 @@ def codecs_of_roles(codec: Codec | str = DEFAULT_CODEC, k_codec: Codec | str | N
                     v_codec: Codec | str | None = None, bits: float | None = None) -> dict[str, Codec]:
     """The codec of the K and of the V tracks: ``k_codec`` / ``v_codec``, else ``codec``; a codec
     named by its id gets its defaults for the role (dkv-ans: DEFAULT_RATE_K / DEFAULT_RATE_V).
+    The default codec named by its id (``"dkv-ans"``) is the default pair: K through dkv-ans at
+    DEFAULT_RATE_K, V through DEFAULT_V_CODEC (dkv-q4), unless ``v_codec`` or ``bits`` is given
+    (``bits`` asks for one rate for both, so V then takes dkv-ans too).
     ``bits``: the rate of those of the two that have one (dkv-ans), as bits per value; a
     CodecError when neither has."""
-    chosen = {role: codec_for_role(c if c is not None else codec, role)
-              for role, c in zip(ROLES, (k_codec, v_codec))}
+    v_default = DEFAULT_V_CODEC if (isinstance(codec, str) and codec == DEFAULT_CODEC and bits is None) else codec
+    chosen = {"k": codec_for_role(k_codec if k_codec is not None else codec, "k"),
+              "v": codec_for_role(v_codec if v_codec is not None else v_default, "v")}
     if bits is not None:
         rated = [role for role, c in chosen.items() if "rate" in c.parameters]
         if not rated:
@@ -268,7 +272,8 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
     the model than V, so ``k_codec="q8_0"`` with the default for V gets q8_0-level quality at fewer
     bits than q8_0 for both (eval/EVAL.md).
     A codec named by its id gets its defaults for the role: ``dkv-ans`` (the default) codes K at
-    DEFAULT_RATE_K and V at DEFAULT_RATE_V (constants.py); a Codec object is used as it is.
+    DEFAULT_RATE_K, and V with DEFAULT_V_CODEC (dkv-q4) unless ``v_codec``/``bits`` say otherwise
+    (:func:`codecs_of_roles`); a Codec object is used as it is.
     ``bits``: the rate of the K/V codecs that have one (dkv-ans), in bits per value (3 -> rate 300);
     CodecError when neither has a rate.
     ``rope``: the model's rotary parameters per KV section and layer (``ModelInfo.rope_params()``,

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from deltakv_format.codecs import CODEC_CLASSES
-from deltakv_format.constants import CODEC_DKV_ANS, DEFAULT_CODEC, DEFAULT_RATE_K, DEFAULT_RATE_V
+from deltakv_format.constants import CODEC_DKV_ANS, DEFAULT_CODEC, DEFAULT_RATE_K, DEFAULT_V_CODEC
 
 CODECS = tuple(CODEC_CLASSES)  # every registered codec class, in registration order
 from deltakv_format.errors import DeltaKVError
@@ -83,13 +83,17 @@ def main():
 @main.command()
 @click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output .dkv (default: INPUT with .dkv).")
-@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True,
+              help=f"The default {DEFAULT_CODEC} codes K with RoPE undone at {DEFAULT_RATE_K / 100:g} bits per value "
+                   f"and V with {DEFAULT_V_CODEC} (about 4.5 bits per value in all; --v-codec {DEFAULT_CODEC} "
+                   "for V too); any other codec codes both.")
 @click.option("--k-codec", type=click.Choice(CODECS), help="Another codec for the K tracks (e.g. q8_0: K matters more than V).")
 @click.option("--v-codec", type=click.Choice(CODECS), help="Another codec for the V tracks.")
 @click.option("--keyframe-interval", type=click.IntRange(1, 65536), help="Rows between keyframes (delta codecs; default 32).")
 @click.option("--bits", type=click.FloatRange(0.1, 16.0), metavar="BITS",
-              help=f"Bits per K/V value of the codecs with a rate ({CODEC_DKV_ANS}): --bits 3 is rate 300 "
-                   f"(default: K {DEFAULT_RATE_K / 100:g}, V {DEFAULT_RATE_V / 100:g}); an error for other codecs.")
+              help=f"One rate for K and V, in bits per value, for the codecs with a rate ({CODEC_DKV_ANS}, which "
+                   f"then codes V too): --bits 3 is rate 300 (3.0-3.1 bits per value measured); an error for "
+                   "other codecs.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=f"The model's GGUF: removes layout guesswork, and gives {CODEC_DKV_ANS} the rotary parameters "
                    "to code K before rotary embedding (smaller or better files).")
