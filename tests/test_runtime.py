@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from deltakv_format.constants import DEFAULT_CODEC
+from deltakv_format.constants import DEFAULT_V_CODEC
 from deltakv_format.errors import SessionMismatchError
 from deltakv_format.session import DkvSession
 
@@ -198,7 +198,7 @@ def test_prompt_cache_evicts_least_recently_used(tmp_path):
     assert len(files) == 1
     with DkvSession(files[0]) as s:
         assert {t.codec.name for t in s.tracks if t.name.endswith(".k")} == {"q8_0"}
-        assert {t.codec.name for t in s.tracks if t.name.endswith(".v")} == {DEFAULT_CODEC}
+        assert {t.codec.name for t in s.tracks if t.name.endswith(".v")} == {DEFAULT_V_CODEC}
     state = cache[prompt_tokens(llm, 130)]
     assert state.n_tokens == 120
     assert state.scores.shape[0] >= 1
