@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..numerics import F16_TO_F32
 from .simd import emit_row, load_row
 
 _JIT = dict(cache=True, error_model="numpy")
@@ -155,45 +154,6 @@ def unrotate_rows(values, table, head_dim, n_rot, mode):
 
 
 # ---- rANS decoding (normative) -------------------------------------------------------------------
-
-
-@njit(cache=True)
-def build_lookup(freqs):
-    """Per class: the symbol of every 12-bit slot and each symbol's cumulative frequency."""
-    n_classes = freqs.shape[0]
-    lut = np.empty((n_classes, PROB_SCALE), np.uint8)
-    cum = np.empty((n_classes, N_SYMBOLS + 1), np.uint32)
-    for j in range(n_classes):
-        total = 0
-        cum[j, 0] = 0
-        for s in range(N_SYMBOLS):
-            f = np.int64(freqs[j, s])
-            for slot in range(total, total + f):
-                lut[j, slot] = s
-            total += f
-            cum[j, s + 1] = total
-    return lut, cum
-
-
-@njit(inline="always", cache=True)
-def _renorm(x, words, w, w_end):
-    """x (int64, below 2^32) after a symbol: below RANS_LOW it takes in the next 16-bit word."""
-    if x < RANS_LOW:
-        if w >= w_end:
-            return x, w, True
-        x = (x << 16) | np.int64(words[w])
-        w += 1
-    return x, w, False
-
-
-@njit(inline="always", cache=True)
-def _uniform(x, words, w, w_end, bits):
-    """A uniform ``bits``-bit symbol (1..8 bits; frequency 2^(12 - bits) each)."""
-    slot = x & (PROB_SCALE - 1)
-    v = slot >> (PROB_BITS - bits)
-    x = ((x >> PROB_BITS) << (PROB_BITS - bits)) + (slot & ((1 << (PROB_BITS - bits)) - 1))
-    x, w, bad = _renorm(x, words, w, w_end)
-    return v, x, w, bad
 
 
 @njit(cache=True)
@@ -465,5 +425,3 @@ def to_f64(src, kind):
             out[r, c] = row[c]
     return out
 
-
-__all__ = ["F16_TO_F32"]  # noqa: the lut argument convention of kernels.py is not used here

@@ -27,10 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..constants import FLOAT_TYPES, GGMLType
 from ..errors import CodecError, CorruptError
-from . import ans, bounds
-from .bounds import ErrorBound
+from . import ans
 
 HEAD_FIXED_BYTES = 12  # u32 n_rows, f32 step, u16 n_classes, u16 zero
 CLASS_BYTES = 2 + 2 * ans.N_SYMBOLS  # u8 shift, u8 zero, u16 freq[32]
@@ -259,7 +257,3 @@ def encode_segment(values: np.ndarray, table: np.ndarray | None, *, rate_bits: f
 def estimated_side_bits(width: int, n_rows: int, stream_rows: int) -> float:
     """What the head and the tensors' alignment cost, before the codes are known."""
     return 8.0 * (head_bytes(width, 12, -(-n_rows // stream_rows)) + 3 * 64)
-
-
-__all__ = ["TrackContext", "Head", "parse_head", "encode_segment", "ErrorBound", "bounds", "FLOAT_TYPES",
-           "GGMLType", "ROPE_KINDS", "F32_ONE_BITS", "f32_bits", "f32_of_bits"]
