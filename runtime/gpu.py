@@ -43,7 +43,6 @@ from deltakv_format.codecs import (
 )
 from deltakv_format.codecs.dkv_ans_codec import DkvAnsCodec
 from deltakv_format.codecs import ans as _ans
-from deltakv_format.codecs.dkv_ans import parse_head as _parse_ans_head
 from deltakv_format.constants import FLOAT_TYPES, GGMLType, ggml_row_bytes
 from deltakv_format.errors import CodecError, CorruptError
 
@@ -505,22 +504,12 @@ def _decode_ans(codec, parts, ggml_type, n_values, row_lo, row_hi, context=None,
     out = np.empty((max(row_hi - row_lo, 0), n_values), dtype)
     if row_hi <= row_lo:
         return out
-    sink = parts["sink"]
-    n_sink = sink.shape[0]
-    if row_lo < n_sink:
-        out[:min(row_hi, n_sink) - row_lo] = sink[row_lo:min(row_hi, n_sink)]
-    clo, chi = max(row_lo, n_sink) - n_sink, row_hi - n_sink
-    if chi <= clo:
+    coded = codec.split_decode(parts, n_values, row_lo, row_hi, out)
+    if coded is None:
         return out
+    clo, chi, words, head = coded
+    n_sink = parts["sink"].shape[0]
     where = "dkv-ans segment"
-    data = np.ascontiguousarray(parts["data"]).view(np.uint8).reshape(-1)
-    if data.size % 2:
-        raise CorruptError(f"{where}: data part of {data.size} bytes, expected an even count")
-    words = data.view("<u2")
-    head = _parse_ans_head(np.ascontiguousarray(parts["head"]).view(np.uint8).reshape(-1), n_values, None,
-                           codec.stream_rows, words.size, where)
-    if chi > head.n_rows:
-        raise CorruptError(f"{where}: rows up to {chi} asked of {head.n_rows} coded rows")
     n_out = chi - clo
     k = load(backend)
     with _Device(k) as dev:

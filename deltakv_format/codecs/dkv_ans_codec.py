@@ -153,17 +153,17 @@ class DkvAnsCodec(Codec):
         parts["data"] = words.view(np.uint8).copy()
         return parts
 
-    def _decode(self, parts, ggml_type, n_values, row_lo, row_hi, out, context=None):
-        out = self._out(out, row_hi - row_lo, n_values, ggml_type)
-        if row_hi <= row_lo:
-            return out
+    def split_decode(self, parts, n_values, row_lo, row_hi, out):
+        """Rows [row_lo, row_hi) of a segment: copy the sink rows among them into ``out``; for the coded
+        rows left, (first, end) coded row, the u16 words and the parsed head; None when none are left.
+        (The CPU and GPU decoders share this; they differ only in who decodes the coded rows.)"""
         sink = parts["sink"]
         n_sink = sink.shape[0]
         if row_lo < n_sink:
             out[:min(row_hi, n_sink) - row_lo] = sink[row_lo:min(row_hi, n_sink)]
         clo, chi = max(row_lo, n_sink) - n_sink, row_hi - n_sink
         if chi <= clo:
-            return out
+            return None
         where = "dkv-ans segment"
         data = np.ascontiguousarray(parts["data"]).view(np.uint8).reshape(-1)
         if data.size % 2:
@@ -173,6 +173,18 @@ class DkvAnsCodec(Codec):
         head = parse_head(head_raw, n_values, None, self.stream_rows, words.size, where)
         if chi > head.n_rows:
             raise CorruptError(f"{where}: rows up to {chi} asked of {head.n_rows} coded rows")
+        return clo, chi, words, head
+
+    def _decode(self, parts, ggml_type, n_values, row_lo, row_hi, out, context=None):
+        out = self._out(out, row_hi - row_lo, n_values, ggml_type)
+        if row_hi <= row_lo:
+            return out
+        coded = self.split_decode(parts, n_values, row_lo, row_hi, out)
+        if coded is None:
+            return out
+        clo, chi, words, head = coded
+        n_sink = parts["sink"].shape[0]
+        where = "dkv-ans segment"
         if self.rope:
             table = ans.rope_table(self._positions(context, n_sink + clo, n_sink + chi, where), self.thetas)
         else:
