@@ -239,10 +239,6 @@ class DkvSession:
         held = t.codec.rows_of_parts(parts)
         if held != rows:
             raise CorruptError(f"tensors of {t.name} segment {s} hold {held} rows, expected {rows}")
-        for role, n in t.codec.expected_part_rows(rows, first_row).items():
-            if parts[role].shape[0] != n:
-                raise CorruptError(f"tensor {t.part_name(s, role)!r}: expected {n} rows for {rows} rows with "
-                                   f"keyframe interval {t.codec.keyframe_interval}, found {parts[role].shape[0]}")
 
     # -- reading ---------------------------------------------------------------------
 

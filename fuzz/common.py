@@ -355,13 +355,9 @@ def _int_of_type(v: int, vt) -> int:
     return v
 
 
-def mutate_dkv_semantic(data: bytes, rnd: random.Random):
-    """Change one key-value or tensor info of a parsed header and re-serialise it: a valid GGUF
-    with valid checksums whose Delta-KV metadata is off (what the session checks must catch)."""
-    import numpy as np
-
-    from deltakv_format.container import KEY_RESERVE, build_header
-    from deltakv_format.gguf_io import KeyValue, TensorInfo
+def _header_for_mutation(data: bytes):
+    """(key-values without the checksums and reserve, tensor infos, data section) of a .dkv, or None."""
+    from deltakv_format.container import KEY_RESERVE
 
     try:
         h = parse_header(data, what="fuzz")
@@ -370,8 +366,33 @@ def mutate_dkv_semantic(data: bytes, rnd: random.Random):
     if h.data_start > len(data):
         return None
     kvs = [kv for kv in h.kvs.values() if kv.key not in (KEY_HEADER_CRC, KEY_TENSOR_CRC, KEY_RESERVE)]
-    infos = list(h.tensors)
-    section = data[h.data_start:]
+    return kvs, list(h.tensors), data[h.data_start:]
+
+
+def _reserialise(kvs, infos, section: bytes):
+    """A valid GGUF of ``kvs`` and ``infos`` over ``section``, with correct checksums; None if the
+    mutated values cannot be serialised."""
+    from deltakv_format.container import build_header
+
+    try:
+        crcs = [crc32c(section[t.offset:t.offset + t.nbytes]) if t.offset + t.nbytes <= len(section) else 0
+                for t in infos]
+        return build_header(kvs, infos, crcs, None) + section
+    except (ValueError, OverflowError, struct.error, KeyError, TypeError, UnicodeError):
+        return None
+
+
+def mutate_dkv_semantic(data: bytes, rnd: random.Random):
+    """Change one key-value or tensor info of a parsed header and re-serialise it: a valid GGUF
+    with valid checksums whose Delta-KV metadata is off (what the session checks must catch)."""
+    import numpy as np
+
+    from deltakv_format.gguf_io import KeyValue, TensorInfo
+
+    parsed = _header_for_mutation(data)
+    if parsed is None:
+        return None
+    kvs, infos, section = parsed
     for _ in range(rnd.choice((1, 1, 1, 2, 3))):
         op = rnd.random()
         if not kvs and not infos:
@@ -443,29 +464,19 @@ def mutate_dkv_semantic(data: bytes, rnd: random.Random):
                     infos[i] = TensorInfo(name, t.shape, t.ggml_type, t.offset)
             else:
                 del infos[i]
-    try:
-        crcs = [crc32c(section[t.offset:t.offset + t.nbytes]) if t.offset + t.nbytes <= len(section) else 0
-                for t in infos]
-        return build_header(kvs, infos, crcs, None) + section
-    except (ValueError, OverflowError, struct.error, KeyError, TypeError, UnicodeError):
-        return None  # not representable (e.g. a value out of its type's range)
+    return _reserialise(kvs, infos, section)
 
 
 def mutate_dkv_ans_parts(data: bytes, rnd: random.Random):
     """Format v2: change bytes of a dkv-ans ``head`` (step, means, class tables, stream offsets) or set
     a track's ``deltakv.track.params`` to a hostile value; re-serialised with valid checksums."""
-    from deltakv_format.container import KEY_RESERVE, build_header
     from deltakv_format.gguf_io import KeyValue
 
-    try:
-        h = parse_header(data, what="fuzz")
-    except DeltaKVError:
+    parsed = _header_for_mutation(data)
+    if parsed is None:
         return None
-    if h.data_start > len(data):
-        return None
-    kvs = [kv for kv in h.kvs.values() if kv.key not in (KEY_HEADER_CRC, KEY_TENSOR_CRC, KEY_RESERVE)]
-    infos = list(h.tensors)
-    section = bytearray(data[h.data_start:])
+    kvs, infos, section = parsed
+    section = bytearray(section)
     heads = [t for t in infos if t.name.endswith(".head") and t.offset + t.nbytes <= len(section) and t.nbytes]
     params = next((i for i, kv in enumerate(kvs) if kv.key == "deltakv.track.params"), None)
     if heads and (params is None or rnd.random() < 0.6):
@@ -482,12 +493,7 @@ def mutate_dkv_ans_parts(data: bytes, rnd: random.Random):
         kvs[params] = KeyValue(kv.key, kv.value_type, values, kv.element_type)
     else:
         return None
-    try:
-        crcs = [crc32c(bytes(section[t.offset:t.offset + t.nbytes])) if t.offset + t.nbytes <= len(section) else 0
-                for t in infos]
-        return build_header(kvs, infos, crcs, None) + bytes(section)
-    except (ValueError, OverflowError, struct.error, KeyError, TypeError, UnicodeError):
-        return None
+    return _reserialise(kvs, infos, bytes(section))
 
 
 def mutate_dkv(data: bytes, max_size: int, seed: int, generic=None) -> bytes:

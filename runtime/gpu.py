@@ -41,10 +41,10 @@ from deltakv_format.codecs import (
     Q8_0Codec,
     check_finite,
 )
-from deltakv_format.codecs.dkv_ans_codec import DkvAnsCodec
+from deltakv_format.codecs.dkv_ans_codec import DkvAnsCodec, corrupt_stream
 from deltakv_format.codecs import ans as _ans
 from deltakv_format.constants import FLOAT_TYPES, GGMLType, ggml_row_bytes
-from deltakv_format.errors import CodecError, CorruptError
+from deltakv_format.errors import CodecError
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 BUILD_DIR = Path(__file__).resolve().parent / "build"
@@ -504,19 +504,17 @@ def _decode_ans(codec, parts, ggml_type, n_values, row_lo, row_hi, context=None,
     out = np.empty((max(row_hi - row_lo, 0), n_values), dtype)
     if row_hi <= row_lo:
         return out
-    coded = codec.split_decode(parts, n_values, row_lo, row_hi, out)
+    coded = codec.split_decode(parts, n_values, row_lo, row_hi, out, context)
     if coded is None:
         return out
-    clo, chi, words, head = coded
-    n_sink = parts["sink"].shape[0]
-    where = "dkv-ans segment"
+    clo, chi, words, head = coded.first, coded.end, coded.words, coded.head
     n_out = chi - clo
     k = load(backend)
     with _Device(k) as dev:
         table = None
         n_pairs = codec.rope_dims // 2 if codec.rope else 0
         if codec.rope:
-            positions = codec._positions(context, n_sink + clo, n_sink + chi, where).astype(np.int32)
+            positions = coded.positions.astype(np.int32)
             table = dev.alloc(n_out * n_pairs * 8)
             k.rope_table(dev.put(positions), n_out, dev.put(np.ascontiguousarray(codec.thetas, np.float32)), n_pairs,
                          table, None)
@@ -529,8 +527,8 @@ def _decode_ans(codec, parts, ggml_type, n_values, row_lo, row_hi, context=None,
                      codec.rope, clo, chi, d_out, bad, None)
         first_bad = int(dev.get(bad, (1,), np.int64)[0])
         if first_bad >= 0:
-            raise CorruptError(f"{where}: rANS stream {first_bad} does not decode to its rows (damaged data)")
-        out[max(row_lo, n_sink) - row_lo:] = dev.get(d_out, (n_out, n_values), dtype)
+            raise corrupt_stream(first_bad)
+        coded.out[...] = dev.get(d_out, (n_out, n_values), dtype)
     return out
 
 

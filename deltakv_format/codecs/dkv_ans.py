@@ -170,7 +170,9 @@ def _entropy_bits(counts: np.ndarray) -> float:
         return float(-(counts * np.log2(p)).sum())
 
 
-def _estimate_bits(z: np.ndarray, step: float, bins: int) -> float:
+def _estimate_bits(z: np.ndarray, step: float, bins: int) -> tuple[float, int]:
+    """Estimated bits of the codes of ``z`` at ``step`` (entropy per class, raw low bits, escapes), and
+    the number of classes."""
     q = np.rint(z / step)
     octave = _octaves(q, bins)
     keys, counts, escapes, raw_bits = _class_histograms(q.astype(np.int64), octave, bins)
@@ -213,9 +215,10 @@ def choose_step(z: np.ndarray, bits_per_value: float, bins: int = CLASS_BINS_PER
     return max(float(np.float32(np.exp(hi))), floor)
 
 
-def encode_segment(values: np.ndarray, table: np.ndarray | None, *, rate_bits: float, side_bits: float,
+def encode_segment(values: np.ndarray, table: np.ndarray, *, bits_per_value: float,
                    stream_rows: int, head_dim: int, n_rot: int, mode: int) -> tuple[Head, np.ndarray]:
-    """Code f64 rows ``values`` (their cells' cos/sin in ``table``): (head, words)."""
+    """Code f64 rows ``values`` (their cells' cos/sin in ``table``) at about ``bits_per_value`` bits of
+    codes per value: (head, words)."""
     n, width = values.shape
     pre = ans.unrotate_rows(values, table, head_dim, n_rot, mode) if mode != ans.ROPE_NONE else values
     means16 = pre.mean(0).astype(np.float16)
@@ -223,7 +226,7 @@ def encode_segment(values: np.ndarray, table: np.ndarray | None, *, rate_bits: f
         means16 = np.where(np.isfinite(means16), means16, 0).astype(np.float16)
     means = means16.astype(np.float32)
     z = pre - means.astype(np.float64)
-    budget = max((rate_bits * n * width - side_bits) / (n * width), 0.05)
+    budget = max(bits_per_value, 0.05)
     bins = bins_per_octave(z.size)
     step = np.float32(choose_step(z, budget, bins))
     # the decoder computes f32(q) * step + mean: the codes are chosen for that step, from f64 values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -14,6 +15,7 @@ from .bounds import ErrorBound
 from .dkv_ans import (
     F32_ONE_BITS,
     HEAD_FIXED_BYTES,
+    Head,
     ROPE_KINDS,
     TrackContext,
     encode_segment,
@@ -31,6 +33,25 @@ SOURCE_BITS = {GGMLType.F16: 16, GGMLType.BF16: 16, GGMLType.F32: 32}
 # Side information is budgeted as if spread over at least this many rows, so that a short segment
 # (an append of a few tokens) gets the step, hence the quality, of a long one.
 SIDE_ROWS_FLOOR = 1024
+DECODE_WHERE = "dkv-ans segment"
+
+
+@dataclass(frozen=True)
+class CodedRows:
+    """The coded rows [first, end) a decode asks of a segment: its words and parsed head, the cells'
+    positions of those rows (None without rotary parameters), and where they go in the output."""
+
+    first: int
+    end: int
+    words: np.ndarray
+    head: Head
+    positions: np.ndarray | None
+    out: np.ndarray
+
+
+def corrupt_stream(stream: int) -> CorruptError:
+    """The error of a stream that does not decode (SPEC.md 6.5), the same from every decoder."""
+    return CorruptError(f"{DECODE_WHERE}: rANS stream {stream} does not decode to its rows (damaged data)")
 
 
 @register_codec
@@ -147,16 +168,16 @@ class DkvAnsCodec(Codec):
         budget = self.rate / 100 - side / (max(coded, SIDE_ROWS_FLOOR) * width)
         budget -= n_sink * SOURCE_BITS[ggml_type] / (max(n, SIDE_ROWS_FLOOR) * 1.0)
         head, words = encode_segment(values, table if table is not None else np.empty((0, 0, 2), np.float32),
-                                     rate_bits=budget, side_bits=0.0, stream_rows=self.stream_rows,
+                                     bits_per_value=budget, stream_rows=self.stream_rows,
                                      head_dim=self.head_dim, n_rot=self.rope_dims, mode=self.rope)
         parts["head"] = np.frombuffer(head.pack(), np.uint8).copy()
         parts["data"] = words.view(np.uint8).copy()
         return parts
 
-    def split_decode(self, parts, n_values, row_lo, row_hi, out):
+    def split_decode(self, parts, n_values, row_lo, row_hi, out, context):
         """Rows [row_lo, row_hi) of a segment: copy the sink rows among them into ``out``; for the coded
-        rows left, (first, end) coded row, the u16 words and the parsed head; None when none are left.
-        (The CPU and GPU decoders share this; they differ only in who decodes the coded rows.)"""
+        rows left, a :class:`CodedRows` (None when none are left). The CPU and GPU decoders share this;
+        they differ only in who decodes the coded rows."""
         sink = parts["sink"]
         n_sink = sink.shape[0]
         if row_lo < n_sink:
@@ -164,37 +185,31 @@ class DkvAnsCodec(Codec):
         clo, chi = max(row_lo, n_sink) - n_sink, row_hi - n_sink
         if chi <= clo:
             return None
-        where = "dkv-ans segment"
         data = np.ascontiguousarray(parts["data"]).view(np.uint8).reshape(-1)
         if data.size % 2:
-            raise CorruptError(f"{where}: data part of {data.size} bytes, expected an even count")
+            raise CorruptError(f"{DECODE_WHERE}: data part of {data.size} bytes, expected an even count")
         words = data.view("<u2")
         head_raw = np.ascontiguousarray(parts["head"]).view(np.uint8).reshape(-1)
-        head = parse_head(head_raw, n_values, None, self.stream_rows, words.size, where)
+        head = parse_head(head_raw, n_values, None, self.stream_rows, words.size, DECODE_WHERE)
         if chi > head.n_rows:
-            raise CorruptError(f"{where}: rows up to {chi} asked of {head.n_rows} coded rows")
-        return clo, chi, words, head
+            raise CorruptError(f"{DECODE_WHERE}: rows up to {chi} asked of {head.n_rows} coded rows")
+        positions = self._positions(context, n_sink + clo, n_sink + chi, DECODE_WHERE) if self.rope else None
+        return CodedRows(clo, chi, words, head, positions, out[max(row_lo, n_sink) - row_lo:])
 
     def _decode(self, parts, ggml_type, n_values, row_lo, row_hi, out, context=None):
         out = self._out(out, row_hi - row_lo, n_values, ggml_type)
         if row_hi <= row_lo:
             return out
-        coded = self.split_decode(parts, n_values, row_lo, row_hi, out)
+        coded = self.split_decode(parts, n_values, row_lo, row_hi, out, context)
         if coded is None:
             return out
-        clo, chi, words, head = coded
-        n_sink = parts["sink"].shape[0]
-        where = "dkv-ans segment"
-        if self.rope:
-            table = ans.rope_table(self._positions(context, n_sink + clo, n_sink + chi, where), self.thetas)
-        else:
-            table = np.empty((0, 0, 2), np.float32)
-        target = out[max(row_lo, n_sink) - row_lo:]
-        bad = ans.decode_streams(words, head.starts, words.size, head.n_rows, self.stream_rows, head.classes,
-                                 head.shifts, head.freqs, head.step, head.means, KIND_OF_TYPE[ggml_type], table,
-                                 self.head_dim, self.rope_dims, self.rope, clo, chi, target)
+        head = coded.head
+        table = ans.rope_table(coded.positions, self.thetas) if self.rope else np.empty((0, 0, 2), np.float32)
+        bad = ans.decode_streams(coded.words, head.starts, coded.words.size, head.n_rows, self.stream_rows,
+                                 head.classes, head.shifts, head.freqs, head.step, head.means, KIND_OF_TYPE[ggml_type],
+                                 table, self.head_dim, self.rope_dims, self.rope, coded.first, coded.end, coded.out)
         if bad >= 0:
-            raise CorruptError(f"{where}: rANS stream {bad} does not decode to its rows (damaged data)")
+            raise corrupt_stream(bad)
         return out
 
     # -- error bound ----------------------------------------------------------------------
