@@ -16,6 +16,7 @@ import numpy as np
 
 from .codecs import CODEC_CLASSES, get_codec
 from .codecs.bounds import as_float64
+from .codecs.transcode import TranscodedCodec
 from .constants import DEFAULT_CODEC, FLOAT_TYPES, GGUF_MAGIC, GGMLType
 from .container import DkvFile, replacing_file
 from .errors import ChecksumError, CodecError, CorruptError, DeltaKVError
@@ -139,14 +140,15 @@ class ConvertReport:
 
 
 def convert(in_path, out_path, *, codec=DEFAULT_CODEC, keyframe_interval=None, model_path=None, progress=None,
-            k_codec=None, v_codec=None, bits=None) -> ConvertReport:
+            k_codec=None, v_codec=None, bits=None, transcode=False) -> ConvertReport:
     """llama.cpp state file (any supported framing and layout) -> .dkv.
 
     ``k_codec`` / ``v_codec``: another codec for the K or the V tracks (``keyframe_interval`` applies
     to every delta codec). ``model_path``: the model's GGUF; besides fixing the layout, it gives
     the rotary parameters with which dkv-ans codes K before rotary embedding (without it, K is
     coded as it is: larger or worse). ``bits``: the rate of the codecs that have one (dkv-ans), in
-    bits per value."""
+    bits per value. ``transcode``: code the K/V of a quantized cache (q8_0, q4_0) through their values
+    and re-quantize them on restore (lossy, SPEC.md 6.6); without it they are kept raw."""
     # the codecs that take a keyframe interval: the delta codecs
     delta_codecs = tuple(name for name, cls in CODEC_CLASSES.items() if "keyframe_interval" in cls.parameters)
     if keyframe_interval and not {codec, k_codec, v_codec} & set(delta_codecs):
@@ -169,13 +171,16 @@ def convert(in_path, out_path, *, codec=DEFAULT_CODEC, keyframe_interval=None, m
         rope = rope_for_state(model, state)
         with writing(out_path):
             written = write_session(state, out_path, codec_obj, progress=progress, k_codec=make(k_codec),
-                                    v_codec=make(v_codec), rope=rope, bits=bits)
+                                    v_codec=make(v_codec), rope=rope, bits=bits, transcode=transcode)
         source_bytes = len(mapped.buf)
         del state
     stats = written.stats()
     by_codec: dict[str, int] = {}
     for t in written.tracks:
-        by_codec[t.codec.name] = by_codec.get(t.codec.name, 0) + 1
+        label = t.codec.name
+        if isinstance(t.codec, TranscodedCodec):
+            label += f" (transcoded {GGMLType(t.ggml_type).name})"
+        by_codec[label] = by_codec.get(label, 0) + 1
     k_tracks = [t for t in written.tracks if t.id.role == "k"]
     return ConvertReport(source_bytes, stats["file_bytes"], stats["kv_source_bytes"], stats["kv_stored_bytes"],
                          written.codec_name, by_codec,

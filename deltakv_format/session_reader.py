@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import TrackContext, get_codec
+from .codecs.transcode import TRANSCODE_PARAM, TranscodedCodec, check_transcode_type, transcode_type_name
 from .constants import ALIGNMENT, GGML_BLOCK_SIZES, GGMLType
 from .container import DkvFile, element_view_dtype
 from .gguf_io import align_up
@@ -184,9 +185,19 @@ class DkvSession:
             if ggml_type not in GGML_BLOCK_SIZES:
                 raise CorruptError(f"track {track_id.name} has unknown ggml type {ggml_type}")
             params = _track_params(meta.track_params[i] if meta.track_params is not None else "{}", track_id.name)
+            # a transcoded quantized cache (SPEC.md 6.6): the codec codes the blocks' values, and the
+            # track's ggml type is the one they are quantized back to
+            cache_type = params.pop(TRANSCODE_PARAM, None)
             try:
                 codec = get_codec(meta.track_codec[i], keyframe_interval=meta.track_keyframe_interval[i],
                                   rotation=meta.track_rotation[i], **params)
+                if cache_type is not None:
+                    check_transcode_type(cache_type, f"track {track_id.name}")
+                    if cache_type != ggml_type:
+                        raise CorruptError(f"track {track_id.name}: deltakv.track.params {TRANSCODE_PARAM} names "
+                                           f"{transcode_type_name(cache_type)}, deltakv.track.ggml_type "
+                                           f"{transcode_type_name(ggml_type)}; expected the same type")
+                    codec = TranscodedCodec(codec, cache_type)
             except CodecError as e:
                 raise CorruptError(f"track {track_id.name}: {e}") from e
             if not codec.accepts(ggml_type, n_values):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import Codec, TrackContext, codec_for_role, codec_for_track, get_codec
+from .codecs.transcode import transcoded
 from .constants import DEFAULT_CODEC, DEFAULT_V_CODEC, HEADER_RESERVE_APPENDS, GGMLType
 from .container import TensorData, base_kvs, write_container, write_container_to
 from .errors import CodecError, CorruptError
@@ -118,12 +119,28 @@ def codecs_of_roles(codec: Codec | str = DEFAULT_CODEC, k_codec: Codec | str | N
     return chosen
 
 
+def track_codec(codec: Codec, t, transcode: bool = False) -> Codec:
+    """The codec of a live cache tensor ``t`` given the codec of its role: the codec (or its variant,
+    or a lossless fallback, :func:`codec_for_track`) for float caches; for quantized caches raw, or
+    with ``transcode`` the codec over the blocks' values (SPEC.md 6.6) where the type has a
+    requantizer and the codec takes the rows (else raw)."""
+    if t.is_float:
+        return codec_for_track(codec, t.ggml_type, t.n_values)
+    if transcode and not t.transposed:
+        chosen = transcoded(codec, t.ggml_type, t.row_bytes)
+        if chosen is not None:
+            return chosen
+    return get_codec("raw")
+
+
 def plan_tracks(state: LlamaState, codec_of_role: dict[str, Codec], track_codecs: list[Codec] | None = None,
-                rope=None) -> list[Track]:
+                rope=None, transcode: bool = False) -> list[Track]:
     """One track per layer K/V of every stream; ``track_codecs`` (a rewrite of a stored session)
     gives each track the codec it already had. ``rope``: per KV section of the state (in order), the
     :class:`~deltakv_format.model_info.RopeParams` of each layer (``ModelInfo.rope_params()``), for
-    codecs that code keys before rotary embedding; None: unknown (they code keys as they are)."""
+    codecs that code keys before rotary embedding; None: unknown (they code keys as they are).
+    ``transcode``: quantized caches (Q8_0, Q4_0) are coded through their values with the role's
+    codec and re-quantized on restore (lossy, SPEC.md 6.6); without it they are stored raw."""
     tracks = []
     kv_sections = [i for i, sec in enumerate(state.sections) if isinstance(sec, KVCacheSection)]
     for stream_index, (section, stream) in enumerate(live_streams(state)):
@@ -131,9 +148,9 @@ def plan_tracks(state: LlamaState, codec_of_role: dict[str, Codec], track_codecs
         layer_rope = rope[cache] if rope is not None and cache < len(rope) else []
         for track_id, t in live_tracks(stream_index, stream):
             codec = codec_of_role[track_id.role]
-            chosen = codec_for_track(codec, t.ggml_type, t.n_values) if t.is_float else get_codec("raw")
+            chosen = track_codec(codec, t, transcode)
             if track_id.role == "k" and track_id.layer < len(layer_rope):
-                chosen = chosen.for_layer(layer_rope[track_id.layer], t.ggml_type, t.n_values)
+                chosen = chosen.for_layer(layer_rope[track_id.layer], t.ggml_type, stored_row_size(t))
             if track_codecs is not None:
                 chosen = track_codecs[len(tracks)]
             tracks.append(Track(len(tracks), track_id, t.ggml_type, stored_row_size(t), t.transposed, chosen))
@@ -259,7 +276,7 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
                   k_codec: Codec | str | None = None, v_codec: Codec | str | None = None,
                   extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = (),
                   track_codecs: list[Codec] | None = None, to=None, rope=None,
-                  bits: float | None = None) -> WrittenSession | None:
+                  bits: float | None = None, transcode: bool = False) -> WrittenSession | None:
     """Store ``state`` as a new .dkv at ``path`` (atomically); returns what was written
     (:meth:`WrittenSession.open` reads it back).
 
@@ -279,6 +296,10 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
     ``rope``: the model's rotary parameters per KV section and layer (``ModelInfo.rope_params()``,
     :func:`rope_for_state`); ``dkv-ans`` codes keys before rotary embedding with them (without: as
     they are, at some cost).
+    ``transcode``: K/V tracks of a quantized cache (llama.cpp's ``-ctk q8_0 -ctv q8_0``, or q4_0) are
+    decoded to values, coded with the codec of their role (``k_codec`` / ``v_codec`` / ``codec`` as
+    above) and re-quantized to the cache's own type on restore: smaller, lossy in values only
+    (SPEC.md 6.6, eval/transcode/). Without it (the default) they are stored raw, byte-exact.
     ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
     ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
     """
@@ -287,7 +308,7 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
                         f"{'both' if to is not None else 'neither'}")
     codec_of_role = codecs_of_roles(codec, k_codec, v_codec, bits)
     codec = codec_for_role(codec, "v")  # deltakv.codec: the codec asked for
-    tracks = plan_tracks(state, codec_of_role, track_codecs, rope)
+    tracks = plan_tracks(state, codec_of_role, track_codecs, rope, transcode)
     tensors = SessionTensors()
     tokens = state.tokens()
     if state.token_words is not None and tokens is None:

@@ -80,6 +80,14 @@ def main():
     """
 
 
+# The figures are eval/transcode/README.md's (SmolLM2-135M, 1024-token prefix); keep the two in agreement.
+TRANSCODE_HELP = (
+    "Quantized caches (llama.cpp -ctk/-ctv q8_0 or q4_0): decode the blocks, code their values with the "
+    "codecs above, and quantize them back to the cache's type on restore (lossy; without this flag such "
+    "caches are kept raw, byte-exact, about 1.0x). TRANSCODE_FIGURES"
+)
+
+
 @main.command()
 @click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output .dkv (default: INPUT with .dkv).")
@@ -97,10 +105,11 @@ def main():
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=f"The model's GGUF: removes layout guesswork, and gives {CODEC_DKV_ANS} the rotary parameters "
                    "to code K before rotary embedding (smaller or better files).")
+@click.option("--transcode", is_flag=True, help=TRANSCODE_HELP)
 @click.option("--force", "-f", is_flag=True, help=FORCE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @friendly_errors
-def convert(input, output, codec, k_codec, v_codec, keyframe_interval, bits, model, force, quiet):
+def convert(input, output, codec, k_codec, v_codec, keyframe_interval, bits, model, transcode, force, quiet):
     """Convert a llama.cpp state file (session, sequence or state blob) to .dkv.
 
     With the default codec (dkv-ans), pass --model model.gguf: without it K is coded without
@@ -118,7 +127,7 @@ def convert(input, output, codec, k_codec, v_codec, keyframe_interval, bits, mod
     try:
         report = operations.convert(input, output, codec=codec, keyframe_interval=keyframe_interval,
                                     model_path=model, progress=lambda name: bar.update(1), k_codec=k_codec, v_codec=v_codec,
-                                    bits=bits)
+                                    bits=bits, transcode=transcode)
     finally:
         bar.close()
     if not quiet:
