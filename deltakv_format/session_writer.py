@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import Codec, TrackContext, codec_for_role, codec_for_track, get_codec
-from .codecs.transcode import transcoded
+from .codecs.transcode import TranscodedCodec, transcoded
 from .constants import DEFAULT_CODEC, DEFAULT_V_CODEC, HEADER_RESERVE_APPENDS, GGMLType
 from .container import TensorData, base_kvs, write_container, write_container_to
 from .errors import CodecError, CorruptError
@@ -326,7 +326,16 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
     for g, (_, stream) in enumerate(streams):
         context = stream_context(stream, by_stream.get(g, []), 0, stream.cell_count)
         for track, (_, kv) in zip(by_stream.get(g, []), live_tracks(g, stream)):
+            first_tensor = len(tensors.tensors)
             tensors.add_track_segment(track, 0, track_rows(kv), track.name, context)
+            if isinstance(track.codec, TranscodedCodec):
+                coded = sum(t.nbytes() for t in tensors.tensors[first_tensor:])
+                if coded >= kv.row_bytes * kv.cell_count:
+                    # a transcoded track no smaller than its blocks (a q4_0 cache at the default rates)
+                    # would only lose values: it stays raw, exact (SPEC.md 6.6)
+                    del tensors.tensors[first_tensor:]
+                    track.codec = get_codec("raw")
+                    tensors.add_track_segment(track, 0, track_rows(kv), track.name, context)
             if progress is not None:
                 progress(track.name)
     cells = [s.cell_count for _, s in streams]

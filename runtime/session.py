@@ -205,7 +205,7 @@ def _resolve_codec(codec, what: str = "codec") -> Codec | str | None:
 
 def save(llm, path, *, codec: Codec | str | None = DEFAULT_CODEC, seq_id: int = 0,
          k_codec: Codec | str | None = None, v_codec: Codec | str | None = None, tokens=None,
-         bits: float | None = None) -> Path:
+         bits: float | None = None, transcode: bool = False) -> Path:
     """Write the live context's sequence ``seq_id`` to ``path`` as a .dkv (atomically).
 
     ``codec=None`` is the default codec (dkv-ans: K and V at their default rates, K coded before
@@ -214,7 +214,9 @@ def save(llm, path, *, codec: Codec | str | None = DEFAULT_CODEC, seq_id: int = 
     is the near-lossless choice); ``extend`` keeps each track's codec. ``bits``: bits per value of
     the codecs that have a rate (dkv-ans; ``bits=3`` is rate 300), an error for the others.
     ``tokens``: the sequence's token ids, needed for a ``seq_id`` other than 0 (llama-cpp-python
-    tracks sequence 0's tokens only) unless the cells carry them."""
+    tracks sequence 0's tokens only) unless the cells carry them. ``transcode``: a quantized cache
+    (``type_k``/``type_v`` q8_0 or q4_0) is coded through its values and quantized back on load
+    (lossy, SPEC.md 6.6); without it such a cache is stored raw, exact."""
     codec = _resolve_codec(codec) or DEFAULT_CODEC
     k_codec, v_codec = _resolve_codec(k_codec, "k_codec"), _resolve_codec(v_codec, "v_codec")
     codecs_of_roles(codec, k_codec, v_codec, bits)  # a bad codec or bits: before the state is copied
@@ -223,7 +225,7 @@ def save(llm, path, *, codec: Codec | str | None = DEFAULT_CODEC, seq_id: int = 
     state = live_state(llm, seq_id, tokens=tokens)
     with accelerated():
         write_session(state, path, codec, k_codec=k_codec, v_codec=v_codec, extra_kvs=_runtime_kvs(llm, seq_id),
-                      rope=model_rope(llm, state), bits=bits)
+                      rope=model_rope(llm, state), bits=bits, transcode=transcode)
     return Path(path)
 
 

@@ -335,7 +335,7 @@ def eval_(models, texts, prefixes, continuation, chunks, out, rows, add, force):
     import datetime
 
     from .measure.eval_results import EVALUATION_FILES, EvaluationFolder
-    from .measure.eval_rows import CODEC_ROWS, REFERENCE_ROWS
+    from .measure.eval_rows import CODEC_ROWS, REFERENCE_ROWS, TRANSCODE_ROWS
     from .measure.evaluate import EvalConfig, run_eval
     from .measure.texts import TEXTS
     from .models import MODELS
@@ -357,6 +357,7 @@ def eval_(models, texts, prefixes, continuation, chunks, out, rows, add, force):
     if rows:
         config.codec_rows = [r for r in CODEC_ROWS if r[0] in rows]
         config.reference_rows = [r for r in REFERENCE_ROWS if r in rows]
+        config.transcode_rows = [r for r in TRANSCODE_ROWS if r[0] in rows]
     folder = EvaluationFolder(out, keep_earlier=add)
     results = run_eval(config, log=lambda m: click.echo(m, err=True), on_run=folder.save)
     command = f"{datetime.date.today()}: " + shlex.join(["deltakv", "eval", *sys.argv[2:]])

@@ -29,4 +29,16 @@ CODEC_ROWS = [
     ("dkv-ans K 3.9 + V 4.9", "dkv-ans", {"rate": 490, "k_codec": ("dkv-ans", {"rate": 390})}),
 ]
 REFERENCE_ROWS = ["llama.cpp cache q8_0", "llama.cpp cache q4_0", "f16 noise floor"]
-ROW_LABELS = [label for label, _, _ in CODEC_ROWS] + REFERENCE_ROWS
+# Quantized caches saved with --transcode (SPEC.md 6.6): (label, the cache's type, codec, parameters) as
+# for CODEC_ROWS. The prefix is evaluated with that cache, its state transcoded, restored into the same
+# context and continued; each row is measured twice: KL vs f16 (as every row) and KL vs the untouched
+# quantized cache (the row's label + TRANSCODE_VS_CACHE), which is what --transcode itself costs.
+TRANSCODE_ROWS = [
+    ("q8_0 cache --transcode (default codecs)", "q8_0", "dkv-ans", {}),
+    ("q4_0 cache --transcode (default codecs)", "q4_0", "dkv-ans", {}),
+    ("q8_0 cache --transcode --bits 3", "q8_0", "dkv-ans", {"rate": 300}),
+    ("q4_0 cache --transcode --bits 3", "q4_0", "dkv-ans", {"rate": 300}),
+]
+TRANSCODE_VS_CACHE = ": KL vs its own cache"
+ROW_LABELS = [label for label, _, _ in CODEC_ROWS] + REFERENCE_ROWS + [label for label, *_ in TRANSCODE_ROWS]
+TABLE_ORDER = ROW_LABELS + [label + TRANSCODE_VS_CACHE for label, *_ in TRANSCODE_ROWS]

@@ -29,7 +29,7 @@ from deltakv_format.model_info import rope_params_of_state_layers
 from deltakv_format.session import write_session
 from deltakv_format.state_model import Framing, KVCacheSection, KVTensor
 
-from .eval_rows import CODEC_ROWS, REFERENCE_ROWS
+from .eval_rows import CODEC_ROWS, REFERENCE_ROWS, TABLE_ORDER, TRANSCODE_ROWS, TRANSCODE_VS_CACHE
 from deltakv_runtime.session import seq_state_bytes, set_seq_state_bytes
 
 NOISE_FRACTION = 0.0025  # a quarter percent of the values move by one f16 step
@@ -60,6 +60,7 @@ class EvalConfig:
     chunks: int = 3
     codec_rows: list = field(default_factory=lambda: list(CODEC_ROWS))
     reference_rows: list = field(default_factory=lambda: list(REFERENCE_ROWS))
+    transcode_rows: list = field(default_factory=lambda: list(TRANSCODE_ROWS))
 
 
 class _Decoder:
@@ -157,9 +158,11 @@ def _kv_values(state) -> int:
     return sum(t.n_values * t.cell_count for sec in state.kv_sections for st in sec.streams for t in st.k + st.v)
 
 
-def _through_codec(seq_blob: memoryview, codec_name: str, params: dict, tmp: Path, rope=None) -> tuple[bytes, float, float]:
-    """seq state -> .dkv (written and read back) -> seq state; with bits/value and size ratio.
-    ``rope``: the model's rotary parameters (what the runtime passes), for codecs that use them."""
+def _through_codec(seq_blob: memoryview, codec_name: str, params: dict, tmp: Path, rope=None,
+                   transcode: bool = False) -> tuple[bytes, float, float]:
+    """seq state -> .dkv (written and read back) -> seq state; with bits/value and size ratio (to the
+    state given). ``rope``: the model's rotary parameters (what the runtime passes), for codecs that
+    use them. ``transcode``: write_session's (quantized caches coded through their values)."""
     state = parse_state(seq_blob, framing=Framing.SEQ_STATE)
     path = tmp / "eval.dkv"
     params = dict(params)
@@ -168,7 +171,7 @@ def _through_codec(seq_blob: memoryview, codec_name: str, params: dict, tmp: Pat
     per_role = {role: _codec_spec(params.pop(role, None)) for role in ("k_codec", "v_codec")}
     # by its id when it has no parameters: write_session gives it its defaults for each role
     codec = get_codec(codec_name, **params) if params else codec_name
-    written = write_session(state, path, codec, rope=rope, **per_role)
+    written = write_session(state, path, codec, rope=rope, transcode=transcode, **per_role)
     stored = written.stats()["kv_stored_bytes"]
     ratio = written.file_size / len(seq_blob)
     with written.open() as session:
@@ -197,10 +200,11 @@ def run_eval(config: EvalConfig, log=print, on_run=None) -> list[Measurement]:
         for model_name, model_path in config.models.items():
             f16 = _Decoder(model_path, n_ctx)
             rope = rope_params_of_state_layers(model_path, sequence=True)
-            quantized = {label: _Decoder(model_path, n_ctx, cache_type)
-                         for label, cache_type in (("llama.cpp cache q8_0", llama_cpp.GGML_TYPE_Q8_0),
-                                                   ("llama.cpp cache q4_0", llama_cpp.GGML_TYPE_Q4_0))
-                         if label in config.reference_rows}
+            cache_types = {"q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+            wanted = {name for name in cache_types if f"llama.cpp cache {name}" in config.reference_rows}
+            wanted |= {cache for _, cache, _, _ in config.transcode_rows}
+            quantized = {f"llama.cpp cache {name}": _Decoder(model_path, n_ctx, cache_types[name])
+                         for name in cache_types if name in wanted}
             try:
                 for text_name, text in config.texts.items():
                     tokens = f16.llm.tokenize(text.encode("utf-8"), add_bos=False)
@@ -237,11 +241,27 @@ def run_eval(config: EvalConfig, log=print, on_run=None) -> list[Measurement]:
                             for label, dec in quantized.items():
                                 dec.clear()
                                 dec.decode(head, 0, False)
+                                cache_blob = bytes(seq_state_bytes(dec.llm, 0))
                                 test = dec.decode(tail, prefix, True)
-                                kl, ppl_ref, ppl, top1 = compare_logits(ref, test, next_tokens)
                                 bits = 8.5 if "q8_0" in label else 4.5
-                                results.append(Measurement(model_name, text_name, prefix, chunk, label, bits, bits / 16,
-                                                           kl, ppl_ref, ppl, top1, len(tail)))
+                                if label in config.reference_rows:
+                                    kl, ppl_ref, ppl, top1 = compare_logits(ref, test, next_tokens)
+                                    results.append(Measurement(model_name, text_name, prefix, chunk, label, bits, bits / 16,
+                                                               kl, ppl_ref, ppl, top1, len(tail)))
+                                for row, cache, codec_name, params in config.transcode_rows:
+                                    if label != f"llama.cpp cache {cache}":
+                                        continue
+                                    restored, row_bits, _ = _through_codec(memoryview(cache_blob), codec_name, params,
+                                                                           tmp, rope, transcode=True)
+                                    dkv_bytes = (tmp / "eval.dkv").stat().st_size
+                                    dec.clear()
+                                    dec.set_seq_state(restored)
+                                    transcoded = dec.decode(tail, prefix, True)
+                                    # KL vs f16 like every row; vs the cache's own logits: what --transcode costs
+                                    for name, baseline in ((row, ref), (row + TRANSCODE_VS_CACHE, test)):
+                                        kl, ppl_ref, ppl, top1 = compare_logits(baseline, transcoded, next_tokens)
+                                        results.append(Measurement(model_name, text_name, prefix, chunk, name, row_bits,
+                                                                   dkv_bytes / len(blob), kl, ppl_ref, ppl, top1, len(tail)))
                             log(f"{model_name} {text_name} prefix {prefix} chunk {chunk}: {time.time() - t0:.1f} s")
                             if on_run is not None:
                                 on_run(results)
@@ -264,7 +284,7 @@ def _ci95_half_width(values) -> float:
 
 def _row_labels(rows: list[Measurement]) -> list[str]:
     """The rows present, in table order (codec rows, then reference rows, then any others)."""
-    order = [label for label, _, _ in CODEC_ROWS] + REFERENCE_ROWS
+    order = TABLE_ORDER
     labels = [lab for lab in order if any(r.row == lab for r in rows)]
     return labels + sorted({r.row for r in rows} - set(labels))
 
@@ -325,7 +345,7 @@ def _paired_table(model: str, rows: list[Measurement], labels: list[str], baseli
              "| codec | KL - baseline | 95% CI | runs above |", "|---|---|---|---|"]
     for label in labels:
         diffs = np.array([v[label] - v[baseline] for v in by_run.values() if label in v and baseline in v])
-        if label == baseline or len(diffs) < 2:
+        if label == baseline or len(diffs) < 2 or label.endswith(TRANSCODE_VS_CACHE):  # not a KL vs f16
             continue
         half = _ci95_half_width(diffs)
         lines.append(f"| {label} | {diffs.mean():+.4f} | {diffs.mean() - half:+.4f} .. {diffs.mean() + half:+.4f} | "
@@ -358,8 +378,8 @@ def plot(results: list[Measurement], path: Path) -> None:
             kl = np.mean([r.kl for r in sel])
             sd = np.std([r.kl for r in sel])
             style = "s" if label in REFERENCE_ROWS else ("D" if label in per_role else "o")
-            if label == "raw":
-                continue  # KL 0 cannot sit on a log axis
+            if label == "raw" or label.endswith(TRANSCODE_VS_CACHE):
+                continue  # KL 0 cannot sit on a log axis; the other is not a KL vs f16
             ax.errorbar(bits, kl, yerr=sd, fmt=style, color=colors[i % 20], capsize=3, label=label)
         floor = [r.kl for r in rows if r.row == "f16 noise floor"]
         if floor:
