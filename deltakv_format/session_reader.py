@@ -197,6 +197,9 @@ class DkvSession:
                         raise CorruptError(f"track {track_id.name}: deltakv.track.params {TRANSCODE_PARAM} names "
                                            f"{transcode_type_name(cache_type)}, deltakv.track.ggml_type "
                                            f"{transcode_type_name(ggml_type)}; expected the same type")
+                    if meta.track_transposed[i]:
+                        raise CorruptError(f"track {track_id.name}: a transcoded track stored transposed; expected "
+                                           f"row-major blocks (llama.cpp never writes a quantized V transposed)")
                     codec = TranscodedCodec(codec, cache_type)
             except CodecError as e:
                 raise CorruptError(f"track {track_id.name}: {e}") from e

@@ -120,9 +120,24 @@ def test_dkv_ans_parameters_and_head_layout_are_the_code():
     the parser's."""
     from deltakv_format.codecs import dkv_ans
 
-    section = _spec_section("### 6.5 dkv-ans", "## 7. Reading")
+    section = _spec_section("### 6.5 dkv-ans", "### 6.6 Transcoded quantized caches")
     table = dict(re.findall(r"^\| `([a-z0-9_]+)` \| (\d+) \|", section, re.M))
     codec = get_codec("dkv-ans")
     assert {k: int(v) for k, v in table.items()} == type(codec).parameters
     assert "`12 + 3C + 66 n_classes + 4 n_streams`" in section
     assert dkv_ans.head_bytes(64, 5, 3) == 12 + 3 * 64 + 66 * 5 + 4 * 3 and dkv_ans.CLASS_BYTES == 66
+
+
+def test_transcode_parameter_and_types_are_the_code():
+    """SPEC.md 6.6's parameter table names the code's parameter and exactly the types it re-quantizes,
+    by the same rule (6.1) as the q8_0 / q4_0 codecs."""
+    from deltakv_format.codecs import Q4_0Codec, Q8_0Codec
+    from deltakv_format.codecs.transcode import FLOAT_TYPE, REQUANTIZERS, TRANSCODE_PARAM
+
+    section = _spec_section("### 6.6 Transcoded quantized caches", "## 7. Reading")
+    (name, values), = re.findall(r"^\| `([a-z0-9_]+)` \| ([0-9, ]+) \|", section, re.M)
+    assert name == TRANSCODE_PARAM
+    assert sorted(int(v) for v in values.split(",")) == sorted(int(t) for t in REQUANTIZERS)
+    assert REQUANTIZERS == {constants.GGMLType.Q8_0: Q8_0Codec, constants.GGMLType.Q4_0: Q4_0Codec}
+    assert FLOAT_TYPE == constants.GGMLType.F16 and "`T` = F16" in section
+    assert "`quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`" in section
