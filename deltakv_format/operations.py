@@ -26,6 +26,7 @@ from .reference import from_source_bits
 from .session_cells import cell_record_ends, owned_spans
 from .session_reader import DkvSession
 from .session_sizes import stored_bytes_by_track
+from .session_tracks import source_n_values
 from .session_writer import codecs_of_roles, rope_for_state, write_session
 from .state_model import Framing, LlamaState, OpaqueSection
 
@@ -299,15 +300,19 @@ def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
             tracks = {}
             for t in s.tracks:
                 rope = rope_of_codec(t.codec) if t.id.role == "k" else None
-                key = (t.codec.name, t.codec.keyframe_interval, t.codec.rotation, GGMLType(t.ggml_type).name, rope)
+                transcoded = isinstance(t.codec, TranscodedCodec)
+                key = (t.codec.name, t.codec.keyframe_interval, t.codec.rotation, GGMLType(t.ggml_type).name, rope,
+                       transcoded)
                 tracks[key] = tracks.get(key, 0) + 1
             info = {
                 "file": str(path), "kind": "dkv", "format_version": int(s.file.value("deltakv.version")),
                 **state_info,
                 "codec": s.codec_name,
                 "tracks": [{"codec": c, "keyframe_interval": n, "rotation": r, "type": ty, "count": k,
-                            **({} if rope is None else {"rope": rope})}
-                           for (c, n, r, ty, rope), k in tracks.items()],
+                            **({} if rope is None else {"rope": rope}),
+                            **({"transcoded": "values coded, re-quantized to the type on restore (lossy)"}
+                               if transcoded else {})}
+                           for (c, n, r, ty, rope, transcoded), k in tracks.items()],
                 "segments": s.n_segments,
                 "streams": [{"cells": c} for c in s.stream_cells],
                 "layers": model_layers([[n for n, sec in zip(s.stream_n_k, s.stream_section) if sec == i]
@@ -339,14 +344,15 @@ def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
 
 
 def _bits_per_value(session: DkvSession) -> float | None:
+    """Stored bits per K/V value of the tracks coded through values (float caches, transcoded ones)."""
     values = 0
-    for t in session.tracks:
-        if t.ggml_type in FLOAT_TYPES:
-            values += t.n_values * session.stream_cells[t.stream]
+    coded = [t for t in session.tracks if t.ggml_type in FLOAT_TYPES or isinstance(t.codec, TranscodedCodec)]
+    for t in coded:
+        values += source_n_values(t) * session.stream_cells[t.stream]
     if not values:
         return None
     by_track = stored_bytes_by_track({name: info.nbytes for name, info in session.file.tensor_infos.items()})
-    stored = sum(by_track.get(t.id, 0) for t in session.tracks if t.ggml_type in FLOAT_TYPES)
+    stored = sum(by_track.get(t.id, 0) for t in coded)
     return 8 * stored / values
 
 
@@ -507,6 +513,8 @@ def compare_states(original: LlamaState, rebuilt: LlamaState, session: DkvSessio
             entry = {"track": track.name, "codec": track.codec.name, "type": GGMLType(ta.ggml_type).name}
             if ta.ggml_type in FLOAT_TYPES and ta.cell_count:
                 _compare_float_track(session, track, ta, tb, entry, problems)
+            elif isinstance(track.codec, TranscodedCodec) and ta.cell_count:
+                _compare_transcoded_track(session, track, ta, tb, entry, problems)
             else:
                 entry["identical"] = bytes(ta.data) == bytes(tb.data)
                 if not entry["identical"]:
@@ -535,6 +543,43 @@ def _compare_float_track(session: DkvSession, track, ta, tb, entry: dict, proble
         entry["bound_used"] = used
         entry["within_bound"] = not excess
         problems += excess
+
+
+def _compare_transcoded_track(session: DkvSession, track, ta, tb, entry: dict, problems: list[str]) -> None:
+    """Error figures of a transcoded track (SPEC.md 6.6) on the values of its blocks, and their check
+    against the bound its parts prove (6.4: the codec's, the re-quantization's, the f16 rounding's)."""
+    codec = track.codec
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = codec.value_rows(ta.rows())
+        y = codec.value_rows(tb.rows())
+        entry["rmse"] = float(np.sqrt(np.mean((y - x) ** 2)))
+        entry["max_abs_error"] = float(np.abs(y - x).max())
+        entry["rms_value"] = float(np.sqrt(np.mean(x ** 2)))
+        entry["transcoded"] = GGMLType(codec.cache_type).name
+        worst, over_count, figures, first_over = 0.0, 0, 0, None
+        decoded_blocks = np.ascontiguousarray(tb.rows())
+        for segment, first, end in session._owned(track.stream):
+            parts = session._parts(track, segment)
+            context = session.track_context(track, segment) if codec.takes_context else None
+            values = codec.decode_values(parts, track.n_values, 0, end - first, context)
+            bound = codec.error_bound(parts, track.ggml_type, decoded_blocks[first:end], values=values)
+            errors = bound.errors(x[first:end], y[first:end])
+            over = ~(errors <= bound.limit)
+            with np.errstate(divide="ignore"):
+                used = np.where(bound.limit > 0, errors / bound.limit, np.where(errors == 0, 0.0, np.inf))
+            used[np.isnan(used)] = np.inf
+            worst = max(worst, float(used.max()) if used.size else 0.0)
+            figures += over.size
+            over_count += int(over.sum())
+            if first_over is None and over.any():
+                row, group = np.argwhere(over)[0]
+                first_over = (f"row {first + row}, group {group}: error {errors[row, group]:.6g}, "
+                              f"bound {bound.limit[row, group]:.6g}")
+    entry["bound_used"] = worst
+    entry["within_bound"] = first_over is None
+    if first_over is not None:
+        problems.append(f"{track.name}: {over_count} of {figures} error figures exceed what the stored transcoded "
+                        f"{codec.name} parts prove (SPEC.md 6.4, 6.6); first at {first_over}")
 
 
 _BOUND_PIECE_VALUES = 1 << 22  # values per piece of a track checked at once (32 MiB per float64 array)

@@ -128,7 +128,12 @@ SESSION_SOURCE = "smollm2_v10_fa1.ggsn"  # a real llama.cpp session file from fi
 # SmolLM2-135M's rotary embedding (norm, 64 of 64 values per head, base 100000), given by hand so that
 # the vector needs no model file: K is coded before rotary embedding with the cells' positions
 SMOLLM2_ROPE = {"kind": "norm", "n_rot": 64, "head_dim": 64, "theta_base": 100000.0, "freq_scale": 1.0}
-SESSIONS = [("smollm2_v10_fa1.dkv", "dkv-q4", None), ("smollm2_v10_fa1_ans.dkv", "dkv-ans", SMOLLM2_ROPE)]
+SESSIONS = [("smollm2_v10_fa1.dkv", "dkv-q4", None), ("smollm2_v10_fa1_ans.dkv", "dkv-ans", SMOLLM2_ROPE),
+            ("smollm2_v10_q8_0_fa1_transcode.dkv", "dkv-ans", SMOLLM2_ROPE)]
+# the source fixture of a session vector, where not SESSION_SOURCE; a q8_0 cache's vector is transcoded
+# (SPEC.md 6.6: dkv-ans on the blocks' values, re-quantized to Q8_0 on decode)
+SESSION_SOURCES = {"smollm2_v10_q8_0_fa1_transcode.dkv": "smollm2_v10_q8_0_fa1.ggsn"}
+TRANSCODED_SESSIONS = {"smollm2_v10_q8_0_fa1_transcode.dkv"}
 
 
 def session_rope(rope: dict | None):
@@ -141,14 +146,14 @@ def session_rope(rope: dict | None):
     return [[RopeParams(rope["kind"], rope["n_rot"], rope["head_dim"], theta, rope["freq_scale"])] * 256]
 
 
-def write_session_vector(source: Path, out: Path, codec: str, rope: dict | None) -> None:
+def write_session_vector(source: Path, out: Path, codec: str, rope: dict | None, transcode: bool = False) -> None:
     """What the session vectors are: ``source`` parsed and written by the current writer."""
     from deltakv_format.operations import MappedFile, parse_state_file
     from deltakv_format.session import write_session
 
     with MappedFile(source) as mapped:
         state = parse_state_file(mapped)
-        write_session(state, out, get_codec(codec), rope=session_rope(rope))
+        write_session(state, out, get_codec(codec), rope=session_rope(rope), transcode=transcode)
 
 
 def make_session_vector(force: bool) -> None:
@@ -158,22 +163,27 @@ def make_session_vector(force: bool) -> None:
 
     from deltakv_format.operations import restore
 
-    source = Path(__file__).resolve().parent.parent / "fixtures" / SESSION_SOURCE
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
     for name, codec, rope in SESSIONS:
+        source_name = SESSION_SOURCES.get(name, SESSION_SOURCE)
+        source = fixtures / source_name
+        transcode = name in TRANSCODED_SESSIONS
         dkv = HERE / name
         meta = HERE / f"{name}.json"
         if dkv.exists() and not force:
             print(f"kept {dkv}")
             continue
-        write_session_vector(source, dkv, codec, rope)
+        write_session_vector(source, dkv, codec, rope, transcode)
         restored = HERE / "restored.tmp"
         restore(dkv, restored)
         digest = hashlib.sha256(restored.read_bytes()).hexdigest()
         restored.unlink()
-        info = {"source_fixture": SESSION_SOURCE, "codec": codec, "spec_version": 2,
+        info = {"source_fixture": source_name, "codec": codec, "spec_version": 2,
                 "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "restored_sha256": digest}
         if rope is not None:
             info["rope"] = rope
+        if transcode:
+            info["transcode"] = True
         meta.write_text(json.dumps(info, indent=1) + "\n")
         print(f"wrote {dkv}")
 

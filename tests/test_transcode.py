@@ -178,3 +178,18 @@ def test_a_reader_without_transcode_refuses_the_parameter():
     for codec in ("dkv-ans", "dkv-q4"):
         with pytest.raises(CodecError, match="transcode"):
             get_codec(codec, **{TRANSCODE_PARAM: int(GGMLType.Q8_0)})
+
+
+def test_validate_against_the_original_checks_transcoded_tracks_within_their_bound(cache, tmp_path):
+    from deltakv_format.operations import validate
+
+    _, ggml_type, _, blob = cache
+    source = tmp_path / "cache.seq"
+    source.write_bytes(blob)
+    state = parse_state(memoryview(blob), framing=Framing.SEQ_STATE)
+    write_session(state, tmp_path / "t.dkv", rope=rope_of(state), transcode=True, bits=3)
+    report = validate(tmp_path / "t.dkv", against=source)
+    assert report.ok, report.problems
+    transcoded = [layer for layer in report.layers if layer.get("transcoded") == ggml_type.name]
+    assert len(transcoded) == len(report.layers) and all(layer["within_bound"] for layer in transcoded)
+    assert 0 < max(layer["bound_used"] for layer in transcoded) <= 1

@@ -108,7 +108,7 @@ def test_version_1_vectors_decode_unchanged():
     assert versions == {1: V1_CODECS, 2: {"dkv-ans"}}
 
 
-SESSIONS = ["smollm2_v10_fa1.dkv", "smollm2_v10_fa1_ans.dkv"]
+SESSIONS = ["smollm2_v10_fa1.dkv", "smollm2_v10_fa1_ans.dkv", "smollm2_v10_q8_0_fa1_transcode.dkv"]
 
 
 def _sha(path):
@@ -142,7 +142,7 @@ def test_session_vector_container_bytes_and_restore(name, tmp_path):
         assert f.value("deltakv.version") == meta["spec_version"] == constants.FORMAT_VERSION
         assert set(f.value("deltakv.track.codec")) == {meta["codec"]}
     out = tmp_path / "x.dkv"
-    _make_vectors().write_session_vector(source, out, meta["codec"], meta.get("rope"))
+    _make_vectors().write_session_vector(source, out, meta["codec"], meta.get("rope"), meta.get("transcode", False))
     assert out.read_bytes() == golden.read_bytes()
     restore(golden, tmp_path / "r.bin")
     assert _sha(tmp_path / "r.bin") == meta["restored_sha256"]
