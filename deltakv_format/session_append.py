@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from .codecs import get_codec
+from .codecs.transcode import TranscodedCodec
 from .constants import FLOAT_TYPES, GGMLType
 from .container import append_container
 from .errors import DeltaKVError, SessionMismatchError
@@ -105,11 +106,16 @@ def rewrite_session(path, state: LlamaState, old: DkvSession, rope=None) -> None
     takes the codec of its first float track and ``rope`` (``write_session``'s), when given, the
     rotary parameters of each layer."""
     track_codecs = [t.codec for t in old.tracks] if len(old.tracks) == len(plan_tracks(state, {role: get_codec("raw") for role in ROLES})) else None
-    by_role = {role: next((t.codec for t in old.tracks if t.id.role == role and t.ggml_type in FLOAT_TYPES), None)
+    # a transcoded track (SPEC.md 6.6) gives its role the float codec it codes the values with, and
+    # makes the rewrite transcode the quantized tracks again
+    transcode = any(isinstance(t.codec, TranscodedCodec) for t in old.tracks)
+    by_role = {role: next((t.codec.inner if isinstance(t.codec, TranscodedCodec) else t.codec for t in old.tracks
+                           if t.id.role == role and (t.ggml_type in FLOAT_TYPES or isinstance(t.codec, TranscodedCodec))),
+                          None)
                for role in ROLES}
     extra = [kv for key, kv in old.file.kvs.items() if key.startswith("deltakv.runtime.")]
     write_session(state, path, get_codec(old.codec_name), k_codec=by_role["k"], v_codec=by_role["v"],
-                  extra_kvs=extra, track_codecs=track_codecs, rope=rope)
+                  extra_kvs=extra, track_codecs=track_codecs, rope=rope, transcode=transcode)
 
 
 def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, progress=None, *, rope=None) -> dict:

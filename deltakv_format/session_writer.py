@@ -149,7 +149,11 @@ def plan_tracks(state: LlamaState, codec_of_role: dict[str, Codec], track_codecs
         for track_id, t in live_tracks(stream_index, stream):
             codec = codec_of_role[track_id.role]
             chosen = track_codec(codec, t, transcode)
-            if track_id.role == "k" and track_id.layer < len(layer_rope):
+            # llama.cpp (layout v11, n_rot_k > 0) rotates a quantized cache's K by a Hadamard transform
+            # after RoPE: undoing RoPE on those values hurts (about 15% more K RMS error on the
+            # smollm2_v11_q8_0 fixture), so such K is coded as it is
+            hadamard_k = stream.rot is not None and stream.rot[0] > 0
+            if track_id.role == "k" and track_id.layer < len(layer_rope) and not hadamard_k:
                 chosen = chosen.for_layer(layer_rope[track_id.layer], t.ggml_type, stored_row_size(t))
             if track_codecs is not None:
                 chosen = track_codecs[len(tracks)]

@@ -193,3 +193,25 @@ def test_validate_against_the_original_checks_transcoded_tracks_within_their_bou
     transcoded = [layer for layer in report.layers if layer.get("transcoded") == ggml_type.name]
     assert len(transcoded) == len(report.layers) and all(layer["within_bound"] for layer in transcoded)
     assert 0 < max(layer["bound_used"] for layer in transcoded) <= 1
+
+
+def test_a_transcoded_session_extends_and_loads(cache, tmp_path):
+    """An append codes the new rows of a transcoded track through its values too (SPEC.md 6.6)."""
+    from deltakv_runtime.session import extend, load, save
+
+    _, ggml_type, llm, _ = cache
+    llm.reset()
+    tokens = prompt_tokens(llm, N_PROMPT + 40)
+    llm.eval(tokens[:N_PROMPT])
+    path = save(llm, tmp_path / "t.dkv", transcode=True, bits=3)
+    llm.eval(tokens[N_PROMPT:])
+    extend(llm, path)
+    with DkvSession(path) as s:
+        assert s.n_segments == 2 and s.n_tokens == N_PROMPT + 40
+        assert all(isinstance(t.codec, TranscodedCodec) for t in s.tracks)
+    other = make_llama(n_ctx=512, type_k=int(ggml_type), type_v=int(ggml_type))
+    try:
+        assert load(other, path) == N_PROMPT + 40
+        assert len(greedy(other, 4)) == 4
+    finally:
+        other.close()
