@@ -215,3 +215,22 @@ def test_a_transcoded_session_extends_and_loads(cache, tmp_path):
         assert len(greedy(other, 4)) == 4
     finally:
         other.close()
+
+
+def test_eval_measures_a_transcode_row_against_its_cache_and_f16(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from deltakv_tools.cli import main
+    from deltakv_tools.measure.eval_rows import TRANSCODE_VS_CACHE
+
+    row = "q8_0 cache --transcode (default codecs)"
+    r = CliRunner().invoke(main, ["eval", "--model", "smollm2", "--text", "prose", "--prefix", "64", "--continuation",
+                                  "16", "--chunks", "1", "--out", str(tmp_path), "--row", row], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    results = {x["row"]: x for x in json.loads((tmp_path / "results.json").read_text())}
+    assert sorted(results) == sorted([row, row + TRANSCODE_VS_CACHE])
+    for x in results.values():
+        assert 0 < x["kl"] and 2 < x["bits_per_value"] < 8.5  # smaller than the q8_0 cache's 8.5 bits
+    assert f"| {row}{TRANSCODE_VS_CACHE} |" in (tmp_path / "EVAL.md").read_text()
