@@ -204,6 +204,10 @@ class DkvSession:
             except CodecError as e:
                 raise CorruptError(f"track {track_id.name}: {e}") from e
             if not codec.accepts(ggml_type, n_values):
+                if isinstance(codec, TranscodedCodec):
+                    raise CorruptError(f"track {track_id.name}: transcoded codec {codec.name} cannot hold "
+                                       f"{GGMLType(ggml_type).name} rows of {n_values} bytes (expected whole "
+                                       f"{codec.block_bytes}-byte blocks whose values the codec takes as F16)")
                 raise CorruptError(f"track {track_id.name}: codec {codec.name} cannot hold {GGMLType(ggml_type).name} rows "
                                    f"of {n_values} values")
             self.tracks.append(Track(i, track_id, ggml_type, n_values, bool(meta.track_transposed[i]), codec))
