@@ -125,10 +125,50 @@ def decode_delta(keys, q4, modes, ggml_type, keyframe_interval: int, rotation: i
     return out
 
 
+def quantize_q8_0(values: np.ndarray) -> np.ndarray:
+    """Rows of f32 values -> rows of Q8_0 blocks by SPEC.md 6.1's rule (ggml's quantize_row_q8_0_ref)."""
+    x = np.asarray(values, np.float32).reshape(len(values), -1, 32)
+    d = np.abs(x).max(axis=2) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    scaled = (x * inv[:, :, None]).astype(np.float64)  # the f32 product, exact in f64
+    codes = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)  # roundf: halfway away from zero
+    blocks = np.empty(x.shape[:2], _Q8_0)
+    with np.errstate(over="ignore"):
+        blocks["d"] = d.astype(np.float16)
+    blocks["qs"] = codes.astype(np.int8)
+    return blocks.view(np.uint8).reshape(len(values), -1)
+
+
+def quantize_q4_0(values: np.ndarray) -> np.ndarray:
+    """Rows of f32 values -> rows of Q4_0 blocks by SPEC.md 6.1's rule (ggml's quantize_row_q4_0_ref)."""
+    x = np.asarray(values, np.float32).reshape(len(values), -1, 32)
+    first_max = np.abs(x).argmax(axis=2)  # argmax: the first value of largest magnitude
+    d = np.take_along_axis(x, first_max[:, :, None], axis=2)[:, :, 0] / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    shifted = x * inv[:, :, None] + np.float32(8.5)  # two f32 roundings, as ggml's C
+    codes = np.minimum(15, np.trunc(shifted).astype(np.int64)).astype(np.uint8)
+    blocks = np.empty(x.shape[:2], _Q4_0)
+    with np.errstate(over="ignore"):
+        blocks["d"] = d.astype(np.float16)
+    blocks["qs"] = codes[:, :, :16] | (codes[:, :, 16:] << 4)
+    return blocks.view(np.uint8).reshape(len(values), -1)
+
+
+QUANTIZE = {GGMLType.Q8_0: quantize_q8_0, GGMLType.Q4_0: quantize_q4_0}
+
+
 def decode_parts(codec: str, parts: dict, ggml_type: int, keyframe_interval: int = 1, rotation: int = 0,
                  params: dict | None = None, positions=None) -> np.ndarray:
     """Decode every row of one segment of a track from its parts (``params``: the codec's
-    ``deltakv.track.params`` and ``n_values``; ``positions``: the segment's cell positions)."""
+    ``deltakv.track.params`` and ``n_values``, the values per row; ``positions``: the segment's cell
+    positions). A transcoded track (``transcode`` in ``params``, SPEC.md 6.6) decodes as an F16 track
+    whose rows are then quantized to the ``transcode`` type: rows of blocks."""
+    if params and "transcode" in params:
+        inner = {k: v for k, v in params.items() if k != "transcode"}
+        values = decode_parts(codec, parts, GGMLType.F16, keyframe_interval, rotation, inner, positions)
+        return QUANTIZE[GGMLType(params["transcode"])](np.asarray(values, np.uint16).view(np.float16).astype(np.float32))
     if codec == "dkv-ans":
         return decode_dkv_ans(parts, ggml_type, params or {}, positions)
     if codec == "raw":

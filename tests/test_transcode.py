@@ -234,3 +234,23 @@ def test_eval_measures_a_transcode_row_against_its_cache_and_f16(tmp_path):
     for x in results.values():
         assert 0 < x["kl"] and 2 < x["bits_per_value"] < 8.5  # smaller than the q8_0 cache's 8.5 bits
     assert f"| {row}{TRANSCODE_VS_CACHE} |" in (tmp_path / "EVAL.md").read_text()
+
+
+def test_the_reference_requantizers_are_ggml_exact():
+    """reference.quantize_q8_0 / quantize_q4_0 (numpy, from SPEC.md 6.1) against ggml's own functions, on
+    values with zero blocks, ties, f16 subnormal scales and sign changes of the largest value."""
+    from deltakv_format import reference
+
+    lib = load_ggml_base()
+    if lib is None:
+        pytest.skip("llama-cpp-python's libggml-base was not found")
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((64, 256)) * rng.choice([1e-6, 0.01, 1.0, 300.0], size=(64, 1))).astype(np.float32)
+    x[0, :32] = 0.0
+    x[1, :32] = np.arange(32) * 0.5 - 8  # many ties
+    x[2, :32] = -x[2, :32]
+    x[3, :32] = np.float32(1e-7) * np.arange(32)
+    for ggml_type, quantize in reference.QUANTIZE.items():
+        fn, block_bytes = QUANTIZER[ggml_type]
+        expected = ggml_quantize(lib, fn, x.reshape(-1), block_bytes).reshape(len(x), -1)
+        assert np.array_equal(quantize(x), expected), ggml_type.name

@@ -168,3 +168,21 @@ def test_version_1_session_reads_with_this_version(tmp_path):
         assert [t.codec.get_config() for t in old_session.tracks] == [t.codec.get_config() for t in new_session.tracks]
         for t in old_session.tracks[:4]:
             assert old_session.rows(t.name).tobytes() == new_session.rows(t.name).tobytes()
+
+
+def test_transcoded_session_vector_decodes_with_the_reference_decoder():
+    """Every track of the transcoded q8_0 session vector (SPEC.md 6.6): the numpy reference (the track's
+    codec as F16, then 6.1's Q8_0 rule, written from the text) gives the reader's blocks."""
+    from deltakv_format.codecs.transcode import TranscodedCodec
+    from deltakv_format.session import DkvSession
+
+    with DkvSession(VECTORS / "smollm2_v10_q8_0_fa1_transcode.dkv") as s:
+        assert all(isinstance(t.codec, TranscodedCodec) and t.ggml_type == GGMLType.Q8_0 for t in s.tracks)
+        for t in s.tracks:
+            config = t.codec.get_config()
+            params = {k: v for k, v in config.items() if k not in ("codec", "keyframe_interval", "rotation")}
+            ctx = s.track_context(t, 0)
+            decoded = reference.decode_parts(config["codec"], s._parts(t, 0), GGMLType.F16, config["keyframe_interval"],
+                                             config["rotation"], params=dict(params, n_values=t.codec.n_values(t.n_values)),
+                                             positions=ctx.positions)
+            assert np.array_equal(decoded, s.rows(t)), t.name
