@@ -254,3 +254,32 @@ def test_the_reference_requantizers_are_ggml_exact():
         fn, block_bytes = QUANTIZER[ggml_type]
         expected = ggml_quantize(lib, fn, x.reshape(-1), block_bytes).reshape(len(x), -1)
         assert np.array_equal(quantize(x), expected), ggml_type.name
+
+
+def test_convert_transcode_on_the_command_line(tmp_path):
+    """`deltakv convert --transcode` of a real q8_0 session file (fixtures/): transcoded tracks, named
+    in the summary; restore gives a file of the original's size; session_bytes writes the same bytes."""
+    from click.testing import CliRunner
+
+    from deltakv_format.operations import MappedFile, parse_state_file
+    from deltakv_format.session import session_bytes
+    from deltakv_tools.cli import main
+
+    from .conftest import FIXTURES
+
+    source = FIXTURES / "smollm2_v10_q8_0_fa1.ggsn"
+    out = tmp_path / "t.dkv"
+    r = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--transcode", "--model", str(MODEL)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "30 x dkv-ans (transcoded Q8_0), 30 x dkv-q4 (transcoded Q8_0)" in r.output
+    r = CliRunner().invoke(main, ["restore", str(out), "-o", str(tmp_path / "back.ggsn")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "back.ggsn").stat().st_size == source.stat().st_size
+    plain = tmp_path / "plain.dkv"
+    assert CliRunner().invoke(main, ["convert", str(source), "-o", str(plain)]).exit_code == 0
+    with DkvSession(plain) as s:
+        assert {t.codec.name for t in s.tracks} == {"raw"}
+    with MappedFile(source) as mapped:
+        state = parse_state_file(mapped)
+        assert session_bytes(state, transcode=True, rope=rope_of(state)) == out.read_bytes()
