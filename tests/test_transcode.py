@@ -33,17 +33,14 @@ QUANTIZER = {GGMLType.Q8_0: ("quantize_row_q8_0_ref", 34), GGMLType.Q4_0: ("quan
 @pytest.fixture(scope="module", params=["q8_0", "q4_0"])
 def cache(request):
     """(type name, ggml type, a live context of that cache type holding the prompt, its sequence state)."""
-    import llama_cpp
+    from deltakv_runtime.session import seq_state_bytes
 
     ggml_type = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}[request.param]
     llm = make_llama(n_ctx=512, type_k=int(ggml_type), type_v=int(ggml_type))
     llm.eval(prompt_tokens(llm, N_PROMPT))
-    from deltakv_runtime.session import seq_state_bytes
-
     blob = bytes(seq_state_bytes(llm, 0))
     yield request.param, ggml_type, llm, blob
     llm.close()
-    del llama_cpp
 
 
 def rope_of(state):
