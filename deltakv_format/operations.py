@@ -26,7 +26,7 @@ from .session_cells import cell_record_ends, owned_spans
 from .session_reader import DkvSession
 from .session_sizes import stored_bytes_by_track
 from .session_writer import codecs_of_roles, rope_for_state, write_session
-from .state_model import Framing, LlamaState, OpaqueSection
+from .state_model import APPENDIX_ROLE, Framing, LlamaState, OpaqueSection
 
 
 def check_output_path(path) -> None:
@@ -316,6 +316,9 @@ def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
             k_rope = k_rope_summary(s.tracks)
             if k_rope is not None:
                 info["k_rope"] = k_rope
+            appendix = appendix_bytes(s)
+            if appendix:
+                info["appendix_bytes"] = appendix
     else:
         with MappedFile(path) as mapped:
             state = parse_state_file(mapped, load_model_info(model_path))
@@ -331,6 +334,12 @@ def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
         if text is not None:
             info["first_tokens_text"] = [_escape(t) for t in text]
     return info
+
+
+def appendix_bytes(session: DkvSession) -> int:
+    """Bytes kept after the sequence payload of the source file (its ``appendix`` sections)."""
+    return sum(len(session.file.tensor(f"section.{i}")) for i, (kind, role)
+               in enumerate(zip(session.section_kind, session.section_role)) if kind == "opaque" and role == APPENDIX_ROLE)
 
 
 def _bits_per_value(session: DkvSession) -> float | None:
