@@ -21,6 +21,7 @@ CODECS = tuple(CODEC_CLASSES)  # every registered codec class, in registration o
 from deltakv_format.errors import DeltaKVError
 
 from .measure.eval_rows import ROW_LABELS
+from .slot import DEFAULT_SERVER
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
 
@@ -200,6 +201,105 @@ def validate(file, against, model, as_json):
             click.echo(f"problem: {p}")
         click.echo(f"{file}: {'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
+
+
+# ---- deltakv slot: llama-server ---------------------------------------------------------------
+
+_server_option = click.option("--server", default=DEFAULT_SERVER, show_default=True, envvar="DELTAKV_SERVER",
+                              help="The llama-server's URL (env DELTAKV_SERVER).")
+_slot_dir_option = click.option("--slot-dir", type=click.Path(file_okay=False, path_type=Path), envvar="DELTAKV_SLOT_DIR",
+                                help="The folder the server was started with as --slot-save-path (env DELTAKV_SLOT_DIR); "
+                                     "this command runs on the server's machine.")
+_api_key_option = click.option("--api-key", envvar="LLAMA_API_KEY", help="The server's --api-key, if it has one (env LLAMA_API_KEY).")
+_slot_option = click.option("--slot", "slot_id", type=click.IntRange(0, None), default=0, show_default=True, help="The slot id.")
+
+
+@main.group()
+def slot():
+    """Save and resume llama-server slots as .dkv, over the server's HTTP API.
+
+    \b
+    llama-server -m model.gguf --slot-save-path /srv/slots
+    deltakv slot save --slot-dir /srv/slots chat.dkv
+    deltakv slot restore --slot-dir /srv/slots chat.dkv
+    deltakv slot list --slot-dir /srv/slots
+    """
+
+
+@slot.command("save")
+@click.argument("output")
+@_slot_option
+@_server_option
+@_slot_dir_option
+@_api_key_option
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True, help="As for convert.")
+@click.option("--k-codec", type=click.Choice(CODECS), help="Another codec for the K tracks.")
+@click.option("--v-codec", type=click.Choice(CODECS), help="Another codec for the V tracks.")
+@click.option("--bits", type=click.FloatRange(0.1, 16.0), metavar="BITS", help="As for convert.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The model's GGUF (default: the server's model file, read from its /props, when it is on this machine).")
+@click.option("--force", "-f", is_flag=True, help=FORCE_HELP)
+@friendly_errors
+def slot_save(output, slot_id, server, slot_dir, api_key, codec, k_codec, v_codec, bits, model, force):
+    """Save a slot as a .dkv at OUTPUT; the server's raw file is removed once the .dkv is written."""
+    from . import slot as slots
+
+    target = Path(output)
+    _refuse_to_replace(target, force)
+
+    def write(data) -> str:
+        from deltakv_format.operations import atomic_write
+
+        atomic_write(target, [data])
+        return str(target)
+
+    saved = slots.save(slots.LlamaServer(server, api_key=api_key), slot_id, slot_dir, write, codec=codec,
+                       k_codec=k_codec, v_codec=v_codec, bits=bits, model_path=model)
+    click.echo(f"slot {saved.slot} ({saved.n_tokens} tokens, {_human(saved.raw_bytes)}) -> {saved.output} "
+               f"({_human(saved.dkv_bytes)}, {saved.raw_bytes / saved.dkv_bytes:.2f}x smaller)")
+
+
+@slot.command("restore")
+@click.argument("input")
+@_slot_option
+@_server_option
+@_slot_dir_option
+@_api_key_option
+@friendly_errors
+def slot_restore(input, slot_id, server, slot_dir, api_key):
+    """Restore a slot from the .dkv INPUT; the server then continues the conversation."""
+    from deltakv_format.operations import MappedFile
+
+    from . import slot as slots
+
+    with MappedFile(input) as mapped:
+        restored = slots.restore(slots.LlamaServer(server, api_key=api_key), slot_id, slot_dir, mapped.buf, input)
+    click.echo(f"{input} ({_human(restored.dkv_bytes)}) -> slot {restored.slot} ({restored.n_tokens} tokens, "
+               f"{_human(restored.raw_bytes)})")
+
+
+@slot.command("list")
+@_server_option
+@_slot_dir_option
+@_api_key_option
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the .dkv sessions are (default: --slot-dir).")
+@friendly_errors
+def slot_list(server, slot_dir, api_key, store):
+    """The server's slots (id, n_ctx, tokens, busy) and the .dkv sessions the store holds."""
+    from . import slot as slots
+
+    rows = slots.slot_rows(slots.LlamaServer(server, api_key=api_key))
+    click.echo("slot  n_ctx  tokens  busy")
+    for row in rows:
+        click.echo(f"{row.slot:>4}  {row.n_ctx:>5}  {'-' if row.tokens is None else row.tokens:>6}  "
+                   f"{'yes' if row.busy else 'no'}")
+    folder = store or slot_dir
+    if folder is None:
+        return
+    click.echo(f"\nsessions in {folder}:")
+    for entry in slots.stored_sessions(folder):
+        click.echo(f"  {entry.name}  {_human(entry.size)}  {entry.n_tokens} tokens  {entry.model or ''}".rstrip())
 
 
 @main.group()
