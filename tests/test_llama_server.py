@@ -62,13 +62,11 @@ def deltakv(*args, check=True) -> subprocess.CompletedProcess:
 
 
 def tokenize(server, text: str) -> list[int]:
-    return server.post("/tokenize", {"content": text})["tokens"]
+    return server.tokenize(text)
 
 
 def complete(server, tokens: list[int], n: int) -> dict:
-    """Greedy completion of ``tokens`` in slot 0, reusing what the slot holds."""
-    return server.post("/completion", {"prompt": tokens, "n_predict": n, "temperature": 0, "top_k": 1,
-                                       "cache_prompt": True, "id_slot": 0, "return_tokens": True, "seed": 1})
+    return server.complete(tokens, n)
 
 
 def chat_then_save(server, slot_dir: Path, dkv: Path, codec: str) -> tuple[list[int], dict]:

@@ -130,6 +130,15 @@ class RunningServer:
         with urllib.request.urlopen(self.url + path, timeout=timeout_s) as response:
             return json.loads(response.read())
 
+    def tokenize(self, text: str) -> list[int]:
+        return self.post("/tokenize", {"content": text})["tokens"]
+
+    def complete(self, tokens: list[int], n: int, slot: int = 0, cache_prompt: bool = True) -> dict:
+        """Greedy completion of ``tokens`` in ``slot``, reusing what the slot holds (its ``tokens``
+        and ``timings``: ``prompt_n`` is how many prompt tokens the server evaluated)."""
+        return self.post("/completion", {"prompt": tokens, "n_predict": n, "temperature": 0, "top_k": 1,
+                                         "cache_prompt": cache_prompt, "id_slot": slot, "return_tokens": True, "seed": 1})
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
