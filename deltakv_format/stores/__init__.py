@@ -12,17 +12,25 @@ from .base import (
     ENTRY_NAME_MAX,
     EntryInfo,
     EntryNotFoundError,
+    EntryTooLargeError,
     InvalidEntryNameError,
+    MissingDependencyError,
     SessionStore,
+    StoreBackendError,
     StoreError,
+    StoreUnavailableError,
     bytes_view,
     check_entry_name,
     is_entry_name,
 )
+from .fsspec_store import FsspecStore
 from .local import LocalDirectoryStore
 from .lru import LruByBytes, entry_in_use
+from .redis_store import REDIS_STRING_MAX, RedisStore
 
 __all__ = [
-    "ENTRY_NAME_MAX", "EntryInfo", "EntryNotFoundError", "InvalidEntryNameError", "LocalDirectoryStore",
-    "LruByBytes", "SessionStore", "StoreError", "bytes_view", "check_entry_name", "entry_in_use", "is_entry_name",
+    "ENTRY_NAME_MAX", "EntryInfo", "EntryNotFoundError", "EntryTooLargeError", "FsspecStore", "InvalidEntryNameError",
+    "LocalDirectoryStore", "LruByBytes", "MissingDependencyError", "REDIS_STRING_MAX", "RedisStore", "SessionStore",
+    "StoreBackendError", "StoreError", "StoreUnavailableError", "bytes_view", "check_entry_name", "entry_in_use",
+    "is_entry_name",
 ]
