@@ -394,15 +394,26 @@ class Zygote:
 
 
 def held_value(store) -> str | None:
-    """Which value the killed writer's entry holds (None: no entry); fails on anything else."""
-    try:
-        with store.get(KILL_NAME) as got:
-            data = bytes(got)
-    except EntryNotFoundError:
-        return None
-    assert data in (KILL_A, KILL_B), f"the entry holds {len(data)} bytes, neither the old nor the new value"
-    assert names_and_sizes(store) == {KILL_NAME: len(data)}  # what the killed writer left is not listed
-    return "A" if data == KILL_A else "B"
+    """Which value the killed writer's entry holds (None: no entry); fails on anything else.
+
+    A server may still apply a put that the writer had sent whole before it was killed (Redis
+    runs the MULTI/EXEC it finds in a closed connection's buffer), between this get and list: so
+    they are read again until they agree, and every read must hold a whole value."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            with store.get(KILL_NAME) as got:
+                data = bytes(got)
+        except EntryNotFoundError:
+            data = None
+        assert data in (None, KILL_A, KILL_B), f"the entry holds {len(data)} bytes, neither the old nor the new value"
+        listed = names_and_sizes(store)
+        # What the killed writer left is not listed.
+        if listed == ({} if data is None else {KILL_NAME: len(data)}) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert listed == ({} if data is None else {KILL_NAME: len(data)})
+    return None if data is None else "A" if data == KILL_A else "B"
 
 
 @pytest.mark.parametrize("factory_name", SHARED_FACTORIES)

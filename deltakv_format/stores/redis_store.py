@@ -102,7 +102,8 @@ class RedisStore:
     Guarantees beyond the protocol's: a put, a touch and a delete are each one MULTI/EXEC
     transaction, so a reader sees an entry's bytes, size and last use change together, and a
     writer killed mid-put leaves nothing (the server applies a transaction only once it has all
-    of it). ``get`` returns a copy of the bytes (stable however the entry changes). Last use has
+    of it; one whose whole transaction had been sent when it died may still be applied just
+    after its death, as the server reads what the closed connection holds). ``get`` returns a copy of the bytes (stable however the entry changes). Last use has
     the server clock's resolution, one microsecond, and strictly increases from one put or touch
     to the next. Entries larger than ``max_entry_bytes`` (default and most: 512 MiB, a Redis
     string's limit) raise :class:`EntryTooLargeError` before anything is sent.
