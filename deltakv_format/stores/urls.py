@@ -159,7 +159,8 @@ def _open(url: str, *, entry: bool, create: bool):
             return LocalDirectoryStore(path, create=create), None
         if not path.name:
             _refuse(url, "a path to a .dkv file", "no file name")
-        return LocalDirectoryStore(path.parent, create=create), check_entry_name(path.name)
+        name = check_entry_name(path.name)  # before the folder is looked at
+        return LocalDirectoryStore(path.parent, create=create), name
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     shape = {"file": "file:///FOLDER/NAME", "unix": "unix:///SOCKET/NAME?db=N"}.get(
@@ -171,6 +172,8 @@ def _open(url: str, *, entry: bool, create: bool):
     segments = _segments(url, parts.path)
     name = None
     if entry:
+        if parts.path.endswith("/"):
+            segments = []  # a folder's URL: no entry named
         segments, name = _split_name(url, segments, shape)
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
