@@ -84,12 +84,16 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket(self) -> Path:
+        return self.folder / "redis.sock"
+
     def start(self) -> "RedisServer":
         log = self.folder / "redis.log"
         # No persistence: the tests' data are throwaway, and an RDB save would be a fork of the server.
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder), "--protected-mode", "no"],
+             "--dir", str(self.folder), "--protected-mode", "no", "--unixsocket", str(self.socket)],
             stdout=open(log, "ab"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         _wait_for_port(self.port, self.proc, "redis-server", log)
         return self

@@ -149,6 +149,22 @@ def test_a_redis_entry_larger_than_a_redis_string_is_refused_before_sending(tmp_
         RedisStore(store.client, max_entry_bytes=REDIS_STRING_MAX + 1)
 
 
+def test_a_redis_store_by_unix_socket_and_by_url_prefix(tmp_path):
+    server = RedisServer(tmp_path).start()
+    try:
+        by_socket = open_store(f"unix://{server.socket}?db=2&prefix=team/")
+        by_socket.put("a.dkv", b"entry")
+        by_tcp = open_store(f"redis://127.0.0.1:{server.port}/2/team")
+        assert [(i.name, i.size) for i in by_tcp.list()] == [("a.dkv", 5)]
+        assert open_store(f"redis://127.0.0.1:{server.port}/2").list() == []  # another prefix: other entries
+        store, name = open_entry(f"unix://{server.socket}/a.dkv?db=2&prefix=team/")
+        with store.get(name) as data:
+            assert bytes(data) == b"entry"
+        assert sorted(k.decode() for k in by_tcp.client.keys("*")) == ["team/entries/a.dkv", "team/last-use", "team/sizes"]
+    finally:
+        server.kill()
+
+
 def test_an_unreachable_redis_is_an_os_error_naming_the_server():
     needs_redis_server()
     server = RedisServer()  # a free port nobody listens on

@@ -140,7 +140,8 @@ class SessionStore(Protocol):
     - **Errors.** A missing entry: :class:`EntryNotFoundError` (a ``KeyError`` too). Data that is
       not bytes-like: ``TypeError``. A failure of the storage itself (disk full, permissions,
       network): ``OSError`` or a subclass; a backend whose client raises other exceptions wraps
-      them in an ``OSError`` subclass, so that ``except (StoreError, OSError)`` is enough.
+      them in an ``OSError`` subclass (:class:`StoreBackendError`; :class:`StoreUnavailableError`
+      when the storage cannot be reached), so that ``except (StoreError, OSError)`` is enough.
     - **Concurrency.** Every method may be called from several threads and processes at once.
     - Entries are opaque bytes: a backend never parses, rewrites or appends to them in place.
     """
