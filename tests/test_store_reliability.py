@@ -287,6 +287,23 @@ def test_a_corrupted_redis_entry_is_dropped_and_recomputed_never_served(tmp_path
         assert _complete(smollm2, prompt, cache) == expected and cache.hits == 1
 
 
+@needs_llama
+@pytest.mark.llama
+def test_a_state_the_store_refuses_is_not_stored_with_one_warning(tmp_path, smollm2):
+    small = RedisStore(STORE_FACTORIES["redis"].open(tmp_path).client, prefix=f"small/{tmp_path.name}/",
+                       max_entry_bytes=1000)
+    prompt = [2] + smollm2.tokenize(TEXT[:400].encode(), add_bos=False)[:16]
+    expected = _complete(smollm2, prompt, None)
+    cache = _counting(None, smollm2, store=small)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert _complete(smollm2, prompt, cache) == expected
+    refused = [str(w.message) for w in caught if "not stored" in str(w.message)]
+    assert len(refused) == 1 and "expected at most 1000 bytes" in refused[0]
+    assert small.list() == [] and cache.store_available
+
+
 # One "machine": its own working folder, its own model load, a DeltaKVCache on CACHE (a URL or a
 # folder); completes PROMPT (ROUNDS times, from an empty context each time) and prints what it got.
 MACHINE = r"""
