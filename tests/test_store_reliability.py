@@ -165,6 +165,17 @@ def test_a_redis_store_by_unix_socket_and_by_url_prefix(tmp_path):
         server.kill()
 
 
+@pytest.mark.parametrize("url, extra", [("redis://127.0.0.1:6379/0", "redis"), ("s3://bucket/prefix", "s3")])
+def test_a_missing_client_library_is_one_error_naming_the_extra(monkeypatch, url, extra):
+    from deltakv_format.stores import MissingDependencyError
+
+    for module in ("redis", "s3fs"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import redis` raises ImportError
+    with pytest.raises(MissingDependencyError, match=rf"pip install 'deltakv\[{extra}\]'") as info:
+        open_store(url)
+    assert isinstance(info.value, ImportError) and "\n" not in str(info.value)
+
+
 def test_an_unreachable_redis_is_an_os_error_naming_the_server():
     needs_redis_server()
     server = RedisServer()  # a free port nobody listens on

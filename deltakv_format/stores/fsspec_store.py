@@ -36,6 +36,7 @@ from pathlib import Path
 from .base import (
     EntryInfo,
     EntryNotFoundError,
+    MissingDependencyError,
     StoreBackendError,
     StoreError,
     StoreUnavailableError,
@@ -72,8 +73,8 @@ class FsspecStore:
                 fs, path = fsspec.core.url_to_fs(url, **storage_options)
             except ImportError as e:
                 scheme = url.split("://", 1)[0]
-                raise StoreBackendError(f"store URL {url!r}: fsspec needs another package for {scheme}:// ({e}); "
-                                        f"for s3://: pip install 'deltakv[s3]'") from e
+                raise MissingDependencyError(f"store URL {url!r}: fsspec needs another package for {scheme}:// "
+                                             f"({e}); for s3://: pip install 'deltakv[s3]'") from e
             except (ValueError, TypeError) as e:
                 raise StoreBackendError(f"store URL {url!r}: fsspec cannot open it ({e})") from e
         else:
