@@ -27,6 +27,7 @@ through the same temporary file, fsync and rename as every .dkv written here.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import posixpath
 import secrets
@@ -159,10 +160,18 @@ class FsspecStore:
                 self.fs.mv(temporary, path)
             self._mark_used(name)
 
+    def _marker_listing(self, name: str | None) -> list:
+        if name is not None and self._object_store and "prefix" in inspect.signature(self.fs.find).parameters:
+            # s3fs and gcsfs list by key prefix: one name's markers without listing every entry's
+            # (a put or touch would otherwise cost a listing of the whole store).
+            self.fs.invalidate_cache(self._markers)
+            return list(self.fs.find(self._markers, prefix=f"{name}{_MARKER_SEPARATOR}", detail=True).values())
+        return self._listing(self._markers)
+
     def _marker_names(self, name: str | None = None) -> dict[str, list[int]]:
         """Marker times by entry name (of one name, or of all)."""
         found: dict[str, list[int]] = {}
-        for info in self._listing(self._markers):
+        for info in self._marker_listing(name):
             entry, sep, stamp = posixpath.basename(info["name"].rstrip("/")).rpartition(_MARKER_SEPARATOR)
             if sep and stamp.isdigit() and (name is None or entry == name):
                 found.setdefault(entry, []).append(int(stamp))
