@@ -169,8 +169,11 @@ def test_a_redis_store_by_unix_socket_and_by_url_prefix(tmp_path):
 def test_a_missing_client_library_is_one_error_naming_the_extra(monkeypatch, url, extra):
     from deltakv_format.stores import MissingDependencyError
 
+    from fsspec.registry import _registry as fsspec_classes
+
     for module in ("redis", "s3fs"):
         monkeypatch.setitem(sys.modules, module, None)  # `import redis` raises ImportError
+    monkeypatch.delitem(fsspec_classes, "s3", raising=False)  # s3fs's class, once imported
     with pytest.raises(MissingDependencyError, match=rf"pip install 'deltakv\[{extra}\]'") as info:
         open_store(url)
     assert isinstance(info.value, ImportError) and "\n" not in str(info.value)

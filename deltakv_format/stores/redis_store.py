@@ -103,15 +103,17 @@ class RedisStore:
     transaction, so a reader sees an entry's bytes, size and last use change together, and a
     writer killed mid-put leaves nothing (the server applies a transaction only once it has all
     of it; one whose whole transaction had been sent when it died may still be applied just
-    after its death, as the server reads what the closed connection holds). ``get`` returns a copy of the bytes (stable however the entry changes). Last use has
-    the server clock's resolution, one microsecond, and strictly increases from one put or touch
-    to the next. Entries larger than ``max_entry_bytes`` (default and most: 512 MiB, a Redis
+    after its death, as the server reads what the closed connection holds). ``get`` returns a
+    copy of the bytes (stable however the entry changes). Last use has the server clock's
+    resolution, one microsecond, and strictly increases from one put or touch to the next.
+    ``timeout_s`` bounds each wait for the server (one socket read or write, not a whole
+    transfer), so a server that stops answering fails a call instead of hanging it. Entries larger than ``max_entry_bytes`` (default and most: 512 MiB, a Redis
     string's limit) raise :class:`EntryTooLargeError` before anything is sent.
     """
 
     def __init__(self, url_or_client="redis://127.0.0.1:6379/0", *, prefix: str = DEFAULT_PREFIX,
                  max_entry_bytes: int = REDIS_STRING_MAX, connect_timeout_s: float = 5.0,
-                 timeout_s: float | None = 60.0):
+                 timeout_s: float | None = 10.0):
         redis = _redis()
         self.prefix = check_prefix(prefix)
         if not 0 <= int(max_entry_bytes) <= REDIS_STRING_MAX:
@@ -121,12 +123,12 @@ class RedisStore:
         if isinstance(url_or_client, str):
             url = url_or_client
             try:
-                # socket_timeout bounds every reply (a stopped server must not hang a completion);
-                # 60 s leaves time for a 512 MiB entry over a slow link.
+                # socket_timeout bounds every wait on the socket: a stopped server must not hang a
+                # completion that asked the cache.
                 self.client = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
                                                    socket_timeout=timeout_s)
-            except ValueError as e:
-                raise StoreBackendError(f"Redis URL {url!r}: {e}") from e
+            except ValueError as e:  # the client's own URL checks (scheme, port, query values)
+                raise StoreError(f"Redis URL {url!r}: {e}") from e
         else:
             self.client = url_or_client
             if not isinstance(self.client, redis.Redis):
