@@ -52,10 +52,37 @@ def friendly_errors(fn):
     return wrapper
 
 
-def _refuse_to_replace(output: Path, force: bool, how: str = "pass --force to replace it") -> None:
-    """Outputs replace what is at their path only when asked: a typo in -o must not cost a session."""
-    if not force and (output.exists() or output.is_symlink()):
+def _refuse_to_replace(output, force: bool, how: str = "pass --force to replace it") -> None:
+    """Outputs replace what is at their path (or store URL) only when asked: a typo in -o must not cost a session."""
+    if force:
+        return
+    if isinstance(output, str):  # a store URL
+        from deltakv_format import operations
+
+        if operations.entry_exists(output):
+            _fail(f"{output} exists; {how}")
+    elif output.exists() or output.is_symlink():
         _fail(f"{output} exists; {how}")
+
+
+class DkvLocation(click.ParamType):
+    """A .dkv's path (a Path, checked as click.Path(dir_okay=False) checks it) or a store URL (kept a
+    str: a Path would fold the '//' of 's3://bucket/a.dkv')."""
+
+    name = "PATH|URL"
+    _path = click.Path(dir_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        from deltakv_format.stores import is_store_url
+
+        if isinstance(value, str) and is_store_url(value):
+            return value
+        return self._path.convert(value, param, ctx)
+
+
+DKV_LOCATION = DkvLocation()
+URL_HELP = ("A path, or a store URL: redis://HOST:PORT/DB/[PREFIX/]NAME.dkv, s3://BUCKET/PREFIX/NAME.dkv, "
+            "file:///FOLDER/NAME.dkv, any fsspec URL.")
 
 
 FORCE_HELP = "Replace the output if it exists (without it, an existing output is an error)."
@@ -78,12 +105,13 @@ def main():
     deltakv convert session.bin            -> session.dkv
     deltakv inspect session.dkv
     deltakv restore session.dkv -o session.bin
+    deltakv convert session.bin -o redis://127.0.0.1:6379/0/session.dkv   (or s3://bucket/prefix/session.dkv)
     """
 
 
 @main.command()
 @click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output .dkv (default: INPUT with .dkv).")
+@click.option("-o", "--output", type=DKV_LOCATION, help=f"Output .dkv (default: INPUT with .dkv). {URL_HELP}")
 @click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True,
               help=f"The default {DEFAULT_CODEC} codes K with RoPE undone at {DEFAULT_RATE_K / 100:g} bits per value "
                    f"and V with {DEFAULT_V_CODEC} (about 4.5 bits per value in all; --v-codec {DEFAULT_CODEC} "
@@ -112,7 +140,7 @@ def convert(input, output, codec, k_codec, v_codec, keyframe_interval, bits, mod
     from deltakv_format import operations
 
     output = output or input.with_suffix(".dkv")
-    if output.resolve() == input.resolve():
+    if isinstance(output, Path) and output.resolve() == input.resolve():
         _fail(f"output {output} would overwrite the input")
     _refuse_to_replace(output, force)
     bar = tqdm(desc="encoding", unit=" tensors", disable=quiet or not sys.stderr.isatty(), leave=False)
@@ -134,21 +162,26 @@ def convert(input, output, codec, k_codec, v_codec, keyframe_interval, bits, mod
 
 
 @main.command()
-@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: INPUT with .bin).")
+@click.argument("input", type=DKV_LOCATION)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file (default: INPUT with .bin; for a store URL, its name with .bin here).")
 @click.option("--as", "framing", type=click.Choice(["ggsn", "ggsq", "state", "seqstate"]),
               help="Framing to write (default: the original's).")
 @click.option("--force", "-f", is_flag=True, help=FORCE_HELP)
 @click.option("--quiet", "-q", is_flag=True)
 @friendly_errors
 def restore(input, output, framing, force, quiet):
-    """Rebuild the llama.cpp state file from a .dkv.
+    """Rebuild the llama.cpp state file from a .dkv (a path or a store URL).
 
     An existing output (also the default INPUT.bin) is an error unless --force is given."""
     from deltakv_format import operations
 
+    if isinstance(input, str):  # a store URL: its entry's name, in the current folder
+        from deltakv_format.stores import open_entry
+
+        output = output or Path(open_entry(input)[1]).with_suffix(".bin")
     output = output or input.with_suffix(".bin")
-    if output.resolve() == input.resolve():
+    if isinstance(input, Path) and output.resolve() == input.resolve():
         _fail(f"output {output} would overwrite the input")
     _refuse_to_replace(output, force)
     n = operations.restore(input, output, framing=framing)
@@ -157,12 +190,12 @@ def restore(input, output, framing, force, quiet):
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=DKV_LOCATION)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Model GGUF: decodes tokens, fixes the layout.")
 @friendly_errors
 def inspect(file, as_json, model):
-    """Describe a .dkv or a llama.cpp state file."""
+    """Describe a .dkv or a llama.cpp state file (a path), or a .dkv in a store (a URL)."""
     from deltakv_format import operations
 
     info = operations.inspect(file, model_path=model)
@@ -180,14 +213,14 @@ def inspect(file, as_json, model):
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=DKV_LOCATION)
 @click.option("--against", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The original llama.cpp file: report per-layer errors and check the codec's bound.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def validate(file, against, model, as_json):
-    """Check structure and checksums (exit 0 ok, 1 problems, 2 unreadable)."""
+    """Check structure and checksums of a .dkv (a path or a store URL); exit 0 ok, 1 problems, 2 unreadable."""
     from deltakv_format import operations
 
     report = operations.validate(file, against=against, model_path=model)
