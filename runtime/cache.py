@@ -6,7 +6,9 @@ Works as llama-cpp-python's own LlamaRAMCache / LlamaDiskCache do (longest-prefi
 least-recently-used eviction by bytes), but each entry is a .dkv file: the whole llama.cpp state
 compressed by a codec, the token ids, and only the last row of logits (llama-cpp-python replays
 the last token after a cache load, so no more is needed) instead of n_tokens x n_vocab floats.
-Entries survive a restart: the folder (or the store, ``store=``) is the cache.
+Entries survive a restart: the folder (or the store, ``store=``) is the cache. The first argument
+may also be a store URL (``redis://host:6379/0``, ``s3://bucket/prefix``: see
+``deltakv_format.stores.open_store``), so that several processes and machines share one cache.
 
 Three parts, one concern each: the store keeps the bytes of the entries under their names
 (``deltakv_format.stores``: a local folder today, any :class:`SessionStore`), an
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -46,7 +49,16 @@ from deltakv_format.gguf_io import KeyValue
 from deltakv_format.llama_state import parse_state, write_state
 from deltakv_format.session import DkvSession, codecs_of_roles, rope_for_state, session_bytes
 from deltakv_format.state_model import Framing, LlamaState
-from deltakv_format.stores import EntryNotFoundError, LocalDirectoryStore, LruByBytes, SessionStore, entry_in_use
+from deltakv_format.stores import (
+    EntryNotFoundError,
+    LocalDirectoryStore,
+    LruByBytes,
+    SessionStore,
+    StoreBackendError,
+    StoreError,
+    entry_in_use,
+    open_store,
+)
 
 from .session import _model_info, model_desc
 
@@ -271,6 +283,9 @@ class _Entry:
     section_cells: tuple[int, ...]
 
 
+_SKIP = object()  # what _store_calls yields when the store is off and not yet due for a try
+
+
 class _Unusable(Exception):
     """An entry that cannot be served; ``delete``: its file is broken for every reader."""
 
@@ -321,21 +336,28 @@ class DeltaKVCache(BaseLlamaCache):
     V layout, streams, vocabulary, cells); an entry that fails to read or to fit is dropped with
     a warning and the lookup is a miss, so llama-cpp-python evaluates the prompt instead.
     Broken entries are deleted. Only files named like the cache's entries are looked at.
+
+    A store that fails (a Redis server that cannot be reached, at construction or in the middle
+    of a run; a folder that went away) never raises into a completion: the cache warns once
+    (RuntimeWarning) and is off meanwhile (every lookup a miss, states not stored), trying the
+    store again at most every ``retry_interval_s`` seconds; when the store answers again the
+    cache works as before, without another warning until the next failure.
     """
 
     def __init__(self, directory=None, capacity_bytes: int = 2 << 30, codec: str = DEFAULT_CODEC, *,
                  k_codec: str | None = None, v_codec: str | None = None, llm: Llama | None = None,
-                 store: SessionStore | None = None, bits: float | None = None):
+                 store: SessionStore | None = None, bits: float | None = None, retry_interval_s: float = 1.0):
         """``codec`` codes the cached states; ``k_codec`` / ``v_codec`` give K or V another one
         (``k_codec="q8_0"``: q8_0-level quality at 0.42 of f16, eval/EVAL.md). ``bits``: bits per
         value of the codecs with a rate (dkv-ans, the default; 3 -> rate 300), an error for others.
         With ``llm=``, dkv-ans codes K before rotary embedding with the model's rotary parameters;
-        without it, K as it is."""
+        without it, K as it is. ``directory``: a folder, or a store URL (``open_store``).
+        ``retry_interval_s``: how often a store that failed is tried again (see the class)."""
         super().__init__(capacity_bytes)
         if (directory is None) == (store is None):
             raise TypeError(f"DeltaKVCache: expected a directory or store=, found "
                             f"{'both' if store is not None else 'neither'}")
-        self.store = LocalDirectoryStore(directory) if store is None else store
+        self.store = open_store(directory) if store is None else store
         # The folder, for a local store (callers of earlier versions read it).
         self.directory = self.store.directory if isinstance(self.store, LocalDirectoryStore) else None
         self._lru = LruByBytes(self.store, owns=ENTRY_NAME.fullmatch)
@@ -357,7 +379,40 @@ class DeltaKVCache(BaseLlamaCache):
             self._score_rows: int | None = int(llm.scores.shape[0])
         else:
             self._fingerprint = self._input_ids_len = self._score_rows = None
-        self._refresh()
+        self.retry_interval_s = float(retry_interval_s)
+        self._store_down = False  # the store failed, and has not answered since
+        self._next_try = 0.0  # time.monotonic() at which a failed store is tried again
+        self._warned: set[str] = set()  # reasons a state was not stored, each warned of once
+        with self._store_calls():
+            self._refresh()
+
+    # -- a store that fails --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _store_calls(self):
+        """``with self._store_calls():`` the store's failures (OSError) end the block and turn
+        the cache off, with one warning, until the store answers again; the block is skipped
+        while the store is off and not yet due for another try (it yields ``_SKIP`` then).
+        ``self.store_available`` says afterwards whether the store answered."""
+        if self._store_down and time.monotonic() < self._next_try:
+            self.store_available = False
+            yield _SKIP
+            return
+        try:
+            yield None
+        except OSError as e:  # StoreUnavailableError and every other failure of the storage
+            if not self._store_down:
+                warnings.warn(f"DeltaKVCache: the store {self.store!r} failed ({e}); the cache is off (lookups "
+                              f"miss, states are not stored) and tries the store again every "
+                              f"{self.retry_interval_s:g} s", RuntimeWarning, stacklevel=4)
+            self._store_down = True
+            self._next_try = time.monotonic() + self.retry_interval_s
+            self.store_available = False
+            return  # the exception ends here: the caller goes on after its block (a miss)
+        except BaseException:
+            self._store_down, self.store_available = False, True  # the store answered (a KeyError: a miss)
+            raise
+        self._store_down, self.store_available = False, True
 
     @property
     def bound(self) -> bool:
@@ -400,6 +455,8 @@ class DeltaKVCache(BaseLlamaCache):
             self._warn(name, str(e))
             self._lru.delete_unless_in_use(name)
             return None
+        except StoreBackendError:
+            raise  # the store failed, not the entry: the cache goes off (_store_calls)
         except (DeltaKVError, OSError):
             return None  # gone meanwhile, or a format version this reader does not know: not ours to judge
 
@@ -437,44 +494,57 @@ class DeltaKVCache(BaseLlamaCache):
 
     @property
     def cache_size(self) -> int:
-        """Bytes of every entry in the folder, whichever context stored it."""
-        return self._lru.total_bytes()
+        """Bytes of every entry in the folder, whichever context stored it (0 while the store fails)."""
+        with self._lock, self._store_calls() as skip:
+            if skip is not _SKIP:
+                return self._lru.total_bytes()
+        return 0
 
     def _find_longest_prefix_key(self, key: tuple[int, ...]) -> tuple[int, ...] | None:
-        with self._lock:
-            self._refresh()
-            entry = self._longest_prefix_entry(tuple(key))
-            return None if entry is None else entry.key
+        with self._lock, self._store_calls() as skip:
+            if skip is not _SKIP:
+                self._refresh()
+                entry = self._longest_prefix_entry(tuple(key))
+                return None if entry is None else entry.key
+        return None
 
     def __contains__(self, key) -> bool:
         return self._find_longest_prefix_key(tuple(int(t) for t in key)) is not None
 
     def __getitem__(self, key) -> LlamaCppState:
         key = tuple(int(t) for t in key)
-        with self._lock:
-            self._refresh()
-            entry = self._longest_prefix_entry(key)
-            if entry is None:
-                raise KeyError("no cached state of this context shares a prefix with these tokens")
-            try:
-                state = self._read(entry)
-            except EntryNotFoundError:  # another cache on the store evicted it since the listing
-                self._entries.pop(entry.name, None)
-                raise KeyError(f"cached state {self.store.locate(entry.name)} was removed meanwhile") from None
-            except _Unusable as e:
-                self._drop(entry, str(e), e.delete)
-                raise KeyError(f"cached state {self.store.locate(entry.name)} cannot be used: {e}") from e
-            self._lru.touch(entry.name)  # the shared least-recently-used clock
-            return state
+        with self._lock, self._store_calls() as skip:
+            if skip is not _SKIP:
+                return self._lookup(key)
+        raise KeyError(f"the store {self.store!r} is not available: the prompt is evaluated")
+
+    def _lookup(self, key: tuple[int, ...]) -> LlamaCppState:
+        """__getitem__ under the lock, the store answering."""
+        self._refresh()
+        entry = self._longest_prefix_entry(key)
+        if entry is None:
+            raise KeyError("no cached state of this context shares a prefix with these tokens")
+        try:
+            state = self._read(entry)
+        except EntryNotFoundError:  # another cache on the store evicted it since the listing
+            self._entries.pop(entry.name, None)
+            raise KeyError(f"cached state {self.store.locate(entry.name)} was removed meanwhile") from None
+        except _Unusable as e:
+            self._drop(entry, str(e), e.delete)
+            raise KeyError(f"cached state {self.store.locate(entry.name)} cannot be used: {e}") from e
+        self._lru.touch(entry.name)  # the shared least-recently-used clock
+        return state
 
     @contextlib.contextmanager
     def _opened(self, name: str):
         """The entry as a session over the store's bytes; _Unusable if it does not open as one."""
+        # EntryNotFoundError: gone meanwhile; an OSError: the store failed, not the entry (the
+        # cache goes off: _store_calls); any other refusal of the store: not servable.
         try:
             data = self.store.get(name)
-        except EntryNotFoundError:
+        except (EntryNotFoundError, OSError):
             raise
-        except (DeltaKVError, OSError) as e:  # the store failed, not the entry
+        except DeltaKVError as e:
             raise _Unusable(str(e), delete=False) from e
         with data:
             try:
@@ -569,13 +639,26 @@ class DeltaKVCache(BaseLlamaCache):
                 TensorData(TENSOR_LAST_LOGITS, GGMLType.F32, (last.size,), np.ascontiguousarray(last, np.float32).view(np.uint32)),
             ]
             extra_tensors = [t for t in extra_tensors if t.shape[0]]  # GGUF tensors cannot be empty
-            self.store.put(name, session_bytes(state, self.codec, k_codec=self.k_codec, v_codec=self.v_codec,
-                                               extra_kvs=extra_kvs, extra_tensors=extra_tensors,
-                                               rope=rope_for_state(self._model_info, state)))
-            self._entries[name] = _Entry(name, key, dict(fp), n_tokens, shape.section_cells)
-            self._rejected.pop(name, None)
-            for evicted in self._lru.evict(self.capacity_bytes, keep=name):
-                self._entries.pop(evicted, None)
+            with self._store_calls() as skip:
+                if skip is _SKIP:
+                    return  # the store is off: the state is not stored
+                data = session_bytes(state, self.codec, k_codec=self.k_codec, v_codec=self.v_codec,
+                                     extra_kvs=extra_kvs, extra_tensors=extra_tensors,
+                                     rope=rope_for_state(self._model_info, state))
+                try:
+                    self.store.put(name, data)
+                except StoreError as e:
+                    if isinstance(e, OSError):
+                        raise
+                    # The store refuses this entry (too large for it): not stored, warned of once.
+                    if type(e).__name__ not in self._warned:
+                        self._warned.add(type(e).__name__)
+                        warnings.warn(f"DeltaKVCache: a state was not stored: {e}", RuntimeWarning, stacklevel=3)
+                    return
+                self._entries[name] = _Entry(name, key, dict(fp), n_tokens, shape.section_cells)
+                self._rejected.pop(name, None)
+                for evicted in self._lru.evict(self.capacity_bytes, keep=name):
+                    self._entries.pop(evicted, None)
 
     def _fingerprint_for_store(self, value: LlamaCppState, shape: StateShape, n_vocab: int) -> Fingerprint:
         """The fingerprint a new entry records; a bound cache refuses a state of another context,

