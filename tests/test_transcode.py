@@ -280,3 +280,36 @@ def test_convert_transcode_on_the_command_line(tmp_path):
     with MappedFile(source) as mapped:
         state = parse_state_file(mapped)
         assert session_bytes(state, transcode=True, rope=rope_of(state)) == out.read_bytes()
+
+
+def test_a_q8_0_llama_server_slot_saved_with_transcode_restores_and_continues(tmp_path):
+    """`deltakv slot save --transcode` against a real llama-server with a q8_0 cache: smaller than the
+    raw slot file, restored into a restarted server, which continues from it (greedy agreement reported)."""
+    from deltakv_format import operations
+    from deltakv_tools import llama_server
+
+    from .test_llama_server import (ANSWER_TOKENS, CONTINUATION_TOKENS, FOLLOW_UP, PROMPT_TOKENS, SERVER, TEXT as
+                                    SERVER_TEXT, agreement, deltakv)
+
+    if SERVER is None:
+        pytest.skip(llama_server.why_missing())
+    args = ["-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0"]
+    slot_dir = tmp_path / "slots"
+    slot_dir.mkdir()
+    dkv = tmp_path / "chat.dkv"
+    with llama_server.running_server(MODEL, *args, slot_dir=slot_dir, log_dir=tmp_path) as server:
+        prompt = server.tokenize(SERVER_TEXT)[:PROMPT_TOKENS]
+        first = server.complete(prompt, ANSWER_TOKENS)
+        saved = deltakv("slot", "save", "--server", server.url, "--slot-dir", slot_dir, "--transcode", dkv)
+        follow_up = prompt + first["tokens"] + server.tokenize(FOLLOW_UP)
+        reference = server.complete(follow_up, CONTINUATION_TOKENS)
+    print("\n" + saved.stdout.strip())
+    ratio = float(saved.stdout.rsplit(", ", 1)[1].split("x")[0])
+    assert ratio > 1.5
+    assert any("transcoded" in t for t in operations.inspect(dkv)["tracks"])
+    with llama_server.running_server(MODEL, *args, slot_dir=slot_dir, log_dir=tmp_path) as server:
+        deltakv("slot", "restore", "--server", server.url, "--slot-dir", slot_dir, dkv)
+        resumed = server.complete(follow_up, CONTINUATION_TOKENS)
+    assert resumed["timings"]["prompt_n"] < len(follow_up) - PROMPT_TOKENS  # the restored slot was reused
+    share = agreement(reference["tokens"], resumed["tokens"])
+    print(f"q8_0 slot --transcode: greedy agreement {share:.2f} over {CONTINUATION_TOKENS} tokens")

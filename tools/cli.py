@@ -283,9 +283,11 @@ def slot():
 @click.option("--bits", type=click.FloatRange(0.1, 16.0), metavar="BITS", help="As for convert.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The model's GGUF (default: the server's model file, read from its /props, when it is on this machine).")
+@click.option("--transcode", is_flag=True, help="As for convert: a quantized cache (-ctk/-ctv q8_0, q4_0) coded "
+              "through its values and quantized back on restore (lossy; without it kept raw, about 1.0x).")
 @click.option("--force", "-f", is_flag=True, help=FORCE_HELP)
 @friendly_errors
-def slot_save(output, slot_id, server, slot_dir, api_key, codec, k_codec, v_codec, bits, model, force):
+def slot_save(output, slot_id, server, slot_dir, api_key, codec, k_codec, v_codec, bits, model, transcode, force):
     """Save a slot as a .dkv at OUTPUT; the server's raw file is removed once the .dkv is written."""
     from . import slot as slots
 
@@ -299,7 +301,7 @@ def slot_save(output, slot_id, server, slot_dir, api_key, codec, k_codec, v_code
         return str(target)
 
     saved = slots.save(slots.LlamaServer(server, api_key=api_key), slot_id, slot_dir, write, codec=codec,
-                       k_codec=k_codec, v_codec=v_codec, bits=bits, model_path=model)
+                       k_codec=k_codec, v_codec=v_codec, bits=bits, model_path=model, transcode=transcode)
     click.echo(f"slot {saved.slot} ({saved.n_tokens} tokens, {_human(saved.raw_bytes)}) -> {saved.output} "
                f"({_human(saved.dkv_bytes)}, {saved.raw_bytes / saved.dkv_bytes:.2f}x smaller)")
 

@@ -153,8 +153,11 @@ class SavedSlot:
 
 
 def save(server: LlamaServer, slot_id: int, slot_dir, write_dkv, *, codec=None, k_codec=None, v_codec=None,
-         bits=None, model_path=None) -> SavedSlot:
+         bits=None, model_path=None, transcode=False) -> SavedSlot:
     """Save slot ``slot_id`` as a .dkv through ``write_dkv(data) -> str`` (where it went).
+
+    ``transcode``: a quantized cache's K/V (``-ctk q8_0 -ctv q8_0``) coded through their values and
+    quantized back on restore (lossy, SPEC.md 6.6); without it they are kept raw.
 
     ``model_path``: the model's GGUF for the rotary parameters; default: the server's model file
     if it is readable here."""
@@ -177,6 +180,7 @@ def save(server: LlamaServer, slot_id: int, slot_dir, write_dkv, *, codec=None, 
             extra += [KeyValue(KEY_SERVER_MODEL, GGUFValueType.STRING, model_path.name),
                       KeyValue(KEY_SERVER_MODEL_DIGEST, GGUFValueType.STRING, model_file_digest(model_path))]
         options = {k: v for k, v in dict(k_codec=k_codec, v_codec=v_codec, bits=bits).items() if v is not None}
+        options["transcode"] = transcode
         rope = rope_for_state(model, state)
         data = session_bytes(state, codec, extra_kvs=extra, rope=rope, **options) if codec else \
             session_bytes(state, extra_kvs=extra, rope=rope, **options)
