@@ -346,13 +346,16 @@ class DeltaKVCache(BaseLlamaCache):
 
     def __init__(self, directory=None, capacity_bytes: int = 2 << 30, codec: str = DEFAULT_CODEC, *,
                  k_codec: str | None = None, v_codec: str | None = None, llm: Llama | None = None,
-                 store: SessionStore | None = None, bits: float | None = None, retry_interval_s: float = 1.0):
+                 store: SessionStore | None = None, bits: float | None = None, retry_interval_s: float = 1.0,
+                 transcode: bool = False):
         """``codec`` codes the cached states; ``k_codec`` / ``v_codec`` give K or V another one
         (``k_codec="q8_0"``: q8_0-level quality at 0.42 of f16, eval/EVAL.md). ``bits``: bits per
         value of the codecs with a rate (dkv-ans, the default; 3 -> rate 300), an error for others.
         With ``llm=``, dkv-ans codes K before rotary embedding with the model's rotary parameters;
         without it, K as it is. ``directory``: a folder, or a store URL (``open_store``).
-        ``retry_interval_s``: how often a store that failed is tried again (see the class)."""
+        ``retry_interval_s``: how often a store that failed is tried again (see the class).
+        ``transcode``: a quantized cache (``type_k``/``type_v`` q8_0, q4_0) is stored through its
+        values and quantized back when served (lossy, SPEC.md 6.6); without it, raw."""
         super().__init__(capacity_bytes)
         if (directory is None) == (store is None):
             raise TypeError(f"DeltaKVCache: expected a directory or store=, found "
@@ -365,6 +368,7 @@ class DeltaKVCache(BaseLlamaCache):
         roles = codecs_of_roles(codec, k_codec or None, v_codec or None, bits)
         self.codec = get_codec(codec) if isinstance(codec, str) else codec  # deltakv.codec of the entries
         self.k_codec, self.v_codec = roles["k"], roles["v"]
+        self.transcode = bool(transcode)
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}  # by entry name
         self._rejected: dict[str, tuple[int, int]] = {}  # entry name -> (size, last use) of an entry not to serve
@@ -644,7 +648,7 @@ class DeltaKVCache(BaseLlamaCache):
                     return  # the store is off: the state is not stored
                 data = session_bytes(state, self.codec, k_codec=self.k_codec, v_codec=self.v_codec,
                                      extra_kvs=extra_kvs, extra_tensors=extra_tensors,
-                                     rope=rope_for_state(self._model_info, state))
+                                     rope=rope_for_state(self._model_info, state), transcode=self.transcode)
                 try:
                     self.store.put(name, data)
                 except StoreError as e:

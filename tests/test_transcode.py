@@ -313,3 +313,30 @@ def test_a_q8_0_llama_server_slot_saved_with_transcode_restores_and_continues(tm
     assert resumed["timings"]["prompt_n"] < len(follow_up) - PROMPT_TOKENS  # the restored slot was reused
     share = agreement(reference["tokens"], resumed["tokens"])
     print(f"q8_0 slot --transcode: greedy agreement {share:.2f} over {CONTINUATION_TOKENS} tokens")
+
+
+def test_a_prompt_cache_over_a_q8_0_context_stores_transcoded_entries(cache, tmp_path):
+    """DeltaKVCache(transcode=True): the entries of a q8_0 context are transcoded, smaller than raw ones,
+    and a hit is served back into the context (llama-cpp-python's load_state)."""
+    from deltakv_runtime import DeltaKVCache
+
+    name, ggml_type, llm, _ = cache
+    llm.reset()
+    prompt = prompt_tokens(llm, N_PROMPT)
+    llm.eval(prompt)
+    sizes = {}
+    for transcode in (False, True):
+        folder = tmp_path / f"transcode-{transcode}"
+        # a q4_0 cache gains only at a lower rate (the default codecs keep its V raw, eval/transcode/)
+        bits = 3 if ggml_type == GGMLType.Q4_0 and transcode else None
+        prompt_cache = DeltaKVCache(folder, llm=llm, transcode=transcode, bits=bits)
+        prompt_cache[prompt] = llm.save_state()
+        (entry,) = folder.glob("*.dkv")
+        sizes[transcode] = entry.stat().st_size
+        with DkvSession(entry) as s:
+            assert any(isinstance(t.codec, TranscodedCodec) for t in s.tracks) == transcode
+        served = prompt_cache[prompt]
+        llm.load_state(served)
+        assert llm.n_tokens == N_PROMPT
+    print(f"\n{name} prompt cache entry: raw {sizes[False]} bytes, --transcode {sizes[True]} bytes")
+    assert sizes[True] < sizes[False]
