@@ -96,6 +96,30 @@ def opened_session(location):
             yield session
 
 
+def put_dkv(location, data) -> str:
+    """Write the .dkv bytes ``data`` at ``location`` (a path: crash-safe; a store URL: one put);
+    returns where they went, for messages."""
+    if is_entry_url(location):
+        from .stores import open_entry
+
+        store, name = open_entry(location)
+        store.put(name, data)
+        return store.locate(name)
+    atomic_write(location, [data])
+    return str(location)
+
+
+@contextlib.contextmanager
+def dkv_bytes(location):
+    """``with dkv_bytes(location) as (data, where):`` a .dkv's bytes by path (mapped) or store URL."""
+    if is_entry_url(location):
+        with stored_entry(location) as found:
+            yield found
+    else:
+        with MappedFile(location) as mapped:
+            yield mapped.buf, str(location)
+
+
 def atomic_write(path, chunks) -> int:
     """Write ``chunks`` (bytes-like) to ``path`` through a temporary file, fsync and rename."""
     check_output_path(path)

@@ -47,6 +47,7 @@ from deltakv_format.container import TensorData
 from deltakv_format.errors import CorruptError, DeltaKVError, TruncatedError
 from deltakv_format.gguf_io import KeyValue
 from deltakv_format.llama_state import parse_state, write_state
+from deltakv_format.model_info import model_file_digest
 from deltakv_format.session import DkvSession, codecs_of_roles, rope_for_state, session_bytes
 from deltakv_format.state_model import Framing, LlamaState
 from deltakv_format.stores import (
@@ -76,9 +77,6 @@ ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.dkv")
 
 BROKEN = (CorruptError, TruncatedError)  # a file no reader can use (other errors: gone, a newer version, ...)
 
-MODEL_SAMPLES = 16  # pieces of the model file hashed into its identity
-MODEL_SAMPLE_BYTES = 64 << 10
-
 Fingerprint = dict  # field name -> int or str
 
 
@@ -86,23 +84,11 @@ Fingerprint = dict  # field name -> int or str
 
 
 def _model_file_digest(path) -> str:
-    """sha256 of the model file's size and 16 evenly spaced 64 KiB pieces (1 MiB read).
-
-    Metadata alone does not tell a fine-tune saved under its base model's name from the base;
-    its weights differ everywhere, so a few pieces of the file do. Hashing the whole file would
-    cost seconds per GB at every start."""
-    h = hashlib.sha256()
+    """The model file's identity (model_info.model_file_digest: its size and 16 pieces of it)."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            h.update(size.to_bytes(8, "little"))
-            last = max(size - MODEL_SAMPLE_BYTES, 0)
-            for i in range(MODEL_SAMPLES):
-                f.seek(last * i // (MODEL_SAMPLES - 1))
-                h.update(f.read(MODEL_SAMPLE_BYTES))
+        return model_file_digest(path)
     except OSError as e:  # the file was moved after loading: the metadata digest still separates most models
-        h.update(f"unreadable: {type(e).__name__}".encode())
-    return h.hexdigest()
+        return f"unreadable: {type(e).__name__}"
 
 
 def _model_digest(llm) -> str:

@@ -26,6 +26,7 @@ from deltakv_format.errors import DeltaKVError, SessionMismatchError
 from deltakv_format.gguf_io import KeyValue
 from deltakv_format.llama_state import file_version_for, parse_state, write_state
 from deltakv_format.model_info import ModelInfo
+from deltakv_format.operations import opened_session
 from deltakv_format.session import (
     DkvSession,
     TrackId,
@@ -353,7 +354,7 @@ def _check_fits(llm, session: DkvSession, seq_id: int, live: LlamaState | None =
 
 
 def load(llm, path, *, seq_id: int = 0) -> int:
-    """Load a .dkv into ``llm`` (a Llama of the same model) as sequence ``seq_id``; returns the token count.
+    """Load a .dkv (a path or a store URL) into ``llm`` (a Llama of the same model) as sequence ``seq_id``; returns the token count.
 
     Afterwards ``llm.create_completion`` / ``llm.generate`` continue where the session stopped (for
     sequence 0, the one llama-cpp-python's Llama tracks: its token list becomes the session's; for
@@ -361,7 +362,7 @@ def load(llm, path, *, seq_id: int = 0) -> int:
     V layout, stream count, a context too small) raises SessionMismatchError before llama.cpp is
     asked; if llama.cpp itself refuses the state, the sequence is put back as it was.
     """
-    with DkvSession(path) as session:
+    with opened_session(path) as session:  # a path, or a store URL (redis://, s3://, ...)
         live = _check_fits(llm, session, seq_id)
         tokens = session.tokens()
         if tokens is None:

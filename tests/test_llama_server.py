@@ -187,3 +187,32 @@ def test_a_slot_file_with_an_appendix_restores_into_the_server(tmp_path):
         assert "-> slot 0" in restored.stdout
         again = complete(server, prompt + [prompt[0]], 1)
         assert again["timings"]["prompt_n"] <= 2, json.dumps(again["timings"])
+
+
+@pytest.mark.parametrize("store", ["redis", "s3"])
+def test_slots_saved_to_a_shared_store_and_restored_from_it(tmp_path, store, monkeypatch):
+    """`deltakv slot save redis://.../chat.dkv` on one server, `restore` from the same URL on another."""
+    from .servers import needs_redis_server, shared_redis_url, shared_s3_endpoint, S3_BUCKET
+
+    if store == "redis":
+        needs_redis_server()
+        url = f"{shared_redis_url()}/slots-{tmp_path.name}/chat.dkv"
+    else:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", shared_s3_endpoint())  # what s3fs (botocore) reads in the CLI
+        url = f"s3://{S3_BUCKET}/slots-{tmp_path.name}/chat.dkv"
+    smol = model_path("smollm2")
+    slot_dir = tmp_path / "slots"
+    slot_dir.mkdir()
+    with llama_server.running_server(smol, "-fa", "on", slot_dir=slot_dir, log_dir=tmp_path, n_ctx=2048) as server:
+        prompt = tokenize(server, TEXT)[:400]
+        first = complete(server, prompt, 8)
+        deltakv("slot", "save", "--server", server.url, "--slot-dir", slot_dir, "--codec", "raw", url)
+        follow_up = prompt + first["tokens"] + tokenize(server, FOLLOW_UP)
+        reference = complete(server, follow_up, 16)
+        assert f"chat.dkv" in deltakv("slot", "list", "--server", server.url, "--store", url.rsplit("/", 1)[0]).stdout
+    assert list(slot_dir.iterdir()) == []
+    with llama_server.running_server(smol, "-fa", "on", slot_dir=slot_dir, log_dir=tmp_path, n_ctx=2048) as server:
+        deltakv("slot", "restore", "--server", server.url, "--slot-dir", slot_dir, url)
+        resumed = complete(server, follow_up, 16)
+    assert resumed["tokens"] == reference["tokens"]
+    assert resumed["timings"]["prompt_n"] < len(follow_up) - len(prompt)

@@ -272,7 +272,7 @@ def slot():
 
 
 @slot.command("save")
-@click.argument("output")
+@click.argument("output", type=DKV_LOCATION)
 @_slot_option
 @_server_option
 @_slot_dir_option
@@ -288,39 +288,34 @@ def slot():
 @click.option("--force", "-f", is_flag=True, help=FORCE_HELP)
 @friendly_errors
 def slot_save(output, slot_id, server, slot_dir, api_key, codec, k_codec, v_codec, bits, model, transcode, force):
-    """Save a slot as a .dkv at OUTPUT; the server's raw file is removed once the .dkv is written."""
+    """Save a slot as a .dkv at OUTPUT (a path or a store URL); the server's raw file is removed once the .dkv is written."""
+    from deltakv_format.operations import put_dkv
+
     from . import slot as slots
 
-    target = Path(output)
-    _refuse_to_replace(target, force)
-
-    def write(data) -> str:
-        from deltakv_format.operations import atomic_write
-
-        atomic_write(target, [data])
-        return str(target)
-
-    saved = slots.save(slots.LlamaServer(server, api_key=api_key), slot_id, slot_dir, write, codec=codec,
+    _refuse_to_replace(output, force)
+    saved = slots.save(slots.LlamaServer(server, api_key=api_key), slot_id, slot_dir, lambda data: put_dkv(output, data),
+                       codec=codec,
                        k_codec=k_codec, v_codec=v_codec, bits=bits, model_path=model, transcode=transcode)
     click.echo(f"slot {saved.slot} ({saved.n_tokens} tokens, {_human(saved.raw_bytes)}) -> {saved.output} "
                f"({_human(saved.dkv_bytes)}, {saved.raw_bytes / saved.dkv_bytes:.2f}x smaller)")
 
 
 @slot.command("restore")
-@click.argument("input")
+@click.argument("input", type=DKV_LOCATION)
 @_slot_option
 @_server_option
 @_slot_dir_option
 @_api_key_option
 @friendly_errors
 def slot_restore(input, slot_id, server, slot_dir, api_key):
-    """Restore a slot from the .dkv INPUT; the server then continues the conversation."""
-    from deltakv_format.operations import MappedFile
+    """Restore a slot from the .dkv INPUT (a path or a store URL); the server then continues the conversation."""
+    from deltakv_format.operations import dkv_bytes
 
     from . import slot as slots
 
-    with MappedFile(input) as mapped:
-        restored = slots.restore(slots.LlamaServer(server, api_key=api_key), slot_id, slot_dir, mapped.buf, input)
+    with dkv_bytes(input) as (data, where):
+        restored = slots.restore(slots.LlamaServer(server, api_key=api_key), slot_id, slot_dir, data, where)
     click.echo(f"{input} ({_human(restored.dkv_bytes)}) -> slot {restored.slot} ({restored.n_tokens} tokens, "
                f"{_human(restored.raw_bytes)})")
 
@@ -329,8 +324,8 @@ def slot_restore(input, slot_id, server, slot_dir, api_key):
 @_server_option
 @_slot_dir_option
 @_api_key_option
-@click.option("--store", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the .dkv sessions are (default: --slot-dir).")
+@click.option("--store", help="Where the .dkv sessions are: a folder or a store URL (redis://HOST:PORT/DB, "
+              "s3://BUCKET/PREFIX; default: --slot-dir).")
 @friendly_errors
 def slot_list(server, slot_dir, api_key, store):
     """The server's slots (id, n_ctx, tokens, busy) and the .dkv sessions the store holds."""
@@ -341,11 +336,11 @@ def slot_list(server, slot_dir, api_key, store):
     for row in rows:
         click.echo(f"{row.slot:>4}  {row.n_ctx:>5}  {'-' if row.tokens is None else row.tokens:>6}  "
                    f"{'yes' if row.busy else 'no'}")
-    folder = store or slot_dir
-    if folder is None:
+    where = store or slot_dir
+    if where is None:
         return
-    click.echo(f"\nsessions in {folder}:")
-    for entry in slots.stored_sessions(folder):
+    click.echo(f"\nsessions in {where}:")
+    for entry in slots.stored_sessions(where):
         click.echo(f"  {entry.name}  {_human(entry.size)}  {entry.n_tokens} tokens  {entry.model or ''}".rstrip())
 
 
@@ -379,6 +374,21 @@ def bench_resume(tokens, codec):
     from .measure.bench_runtime import bench_resume as run
 
     click.echo(run(tokens=tokens, codec=codec))
+
+
+@bench.command("store")
+@click.option("--tokens", "tokens_list", type=click.IntRange(16, None), multiple=True,
+              help="Session sizes (default: 2048 and 16384).")
+@click.option("--store", "stores", multiple=True,
+              help="Store URLs to measure besides a local folder (redis://HOST:PORT/DB/PREFIX, s3://BUCKET/PREFIX).")
+@click.option("--repeat", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
+@friendly_errors
+def bench_store(tokens_list, stores, repeat, codec):
+    """Resume from each store vs llama.cpp's native load from the same place vs re-evaluation (SmolLM2)."""
+    from .measure.bench_store import bench_store as run
+
+    click.echo(run(tokens_list=tokens_list or (2048, 16384), stores=stores, repeat=repeat, codec=codec))
 
 
 @bench.command("extend")

@@ -268,19 +268,20 @@ class StoredSession:
     model: str | None
 
 
-def stored_sessions(folder) -> list[StoredSession]:
-    """The .dkv files of ``folder`` with their token count and the model they were saved from."""
-    from deltakv_format.operations import MappedFile, is_dkv
+def stored_sessions(where) -> list[StoredSession]:
+    """The .dkv sessions of a folder or store URL, with their token count and the model they were saved from."""
+    from deltakv_format.stores import StoreError, open_store
 
+    store = open_store(str(where), create=False)
     found = []
-    for path in sorted(Path(folder).glob("*.dkv")):
+    for info in sorted(store.list(), key=lambda info: info.name):
+        if not info.name.endswith(".dkv"):
+            continue
         try:
-            if not path.is_file() or not is_dkv(path):
-                continue
-            with MappedFile(path) as mapped, DkvSession.from_buffer(mapped.buf, name=str(path)) as s:
+            with store.get(info.name) as data, DkvSession.from_buffer(data, name=store.locate(info.name)) as s:
                 tokens = s.tokens()
-                found.append(StoredSession(path.name, len(mapped.buf), None if tokens is None else len(tokens),
+                found.append(StoredSession(info.name, info.size, None if tokens is None else len(tokens),
                                            s.file.value(KEY_SERVER_MODEL, None)))
-        except (DeltaKVError, OSError):
-            found.append(StoredSession(path.name, path.stat().st_size if path.exists() else 0, None, "(unreadable)"))
+        except (DeltaKVError, StoreError, OSError):
+            found.append(StoredSession(info.name, info.size, None, "(unreadable)"))
     return found
