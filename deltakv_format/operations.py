@@ -655,31 +655,42 @@ def _compare_transcoded_track(session: DkvSession, track, ta, tb, entry: dict, p
         entry["max_abs_error"] = float(np.abs(y - x).max())
         entry["rms_value"] = float(np.sqrt(np.mean(x ** 2)))
         entry["transcoded"] = GGMLType(codec.cache_type).name
-        worst, over_count, figures, first_over = 0.0, 0, 0, None
+        tally = _BoundTally()
         decoded_blocks = np.ascontiguousarray(tb.rows())
         for segment, first, end in session._owned(track.stream):
             parts = session._parts(track, segment)
             context = session.track_context(track, segment) if codec.takes_context else None
             values = codec.decode_values(parts, track.n_values, 0, end - first, context)
             bound = codec.error_bound(parts, track.ggml_type, decoded_blocks[first:end], values=values)
-            errors = bound.errors(x[first:end], y[first:end])
-            over = ~(errors <= bound.limit)
-            with np.errstate(divide="ignore"):
-                used = np.where(bound.limit > 0, errors / bound.limit, np.where(errors == 0, 0.0, np.inf))
-            used[np.isnan(used)] = np.inf
-            worst = max(worst, float(used.max()) if used.size else 0.0)
-            figures += over.size
-            over_count += int(over.sum())
-            if first_over is None and over.any():
-                row, group = np.argwhere(over)[0]
-                first_over = (f"row {first + row}, group {group}: error {errors[row, group]:.6g}, "
-                              f"bound {bound.limit[row, group]:.6g}")
-    entry["bound_used"] = worst
-    entry["within_bound"] = first_over is None
-    if first_over is not None:
-        problems.append(f"{track.name}: {over_count} of {figures} error figures exceed what the stored transcoded "
-                        f"{codec.name} parts prove (SPEC.md 6.4, 6.6); first at {first_over}")
+            tally.add(bound.errors(x[first:end], y[first:end]), bound.limit, first, lambda g: f"group {g}")
+    entry["bound_used"] = tally.worst
+    entry["within_bound"] = tally.first_over is None
+    if tally.first_over is not None:
+        problems.append(f"{track.name}: {tally.over} of {tally.figures} error figures exceed what the stored transcoded "
+                        f"{codec.name} parts prove (SPEC.md 6.4, 6.6); first at {tally.first_over}")
 
+
+@dataclass
+class _BoundTally:
+    """Errors against a bound, piece by piece: the largest fraction used, how many figures broke it, the first."""
+
+    worst: float = 0.0
+    over: int = 0
+    figures: int = 0
+    first_over: str | None = None
+
+    def add(self, errors: np.ndarray, limit: np.ndarray, first_row: int, describe) -> None:
+        over = ~(errors <= limit)  # NaN errors (a damaged payload decoding to NaN) count as over
+        with np.errstate(divide="ignore", invalid="ignore"):
+            used = np.where(limit > 0, errors / limit, np.where(errors == 0, 0.0, np.inf))
+        used[np.isnan(used)] = np.inf
+        self.worst = max(self.worst, float(used.max()) if used.size else 0.0)
+        self.figures += over.size
+        self.over += int(over.sum())
+        if self.first_over is None and over.any():
+            row, group = np.argwhere(over)[0]
+            self.first_over = (f"row {first_row + row}, {describe(group)}: error {errors[row, group]:.6g}, "
+                               f"bound {limit[row, group]:.6g}")
 
 _BOUND_PIECE_VALUES = 1 << 22  # values per piece of a track checked at once (32 MiB per float64 array)
 
@@ -689,7 +700,7 @@ def _check_bound(session: DkvSession, track, original_bits: np.ndarray, decoded_
     from the stored parts (SPEC.md 6.4). Returns the largest fraction of the bound an error used (0
     when every row is exact) and, if some error breaks it, one problem saying where it first did."""
     codec = track.codec
-    worst, over_count, figures, first_over = 0.0, 0, 0, None
+    tally = _BoundTally()
     # in pieces of whole keyframe chunks, so that the float64 work arrays stay small on long sessions
     piece = max(1, _BOUND_PIECE_VALUES // max(track.n_values, 1) // codec.keyframe_interval) * codec.keyframe_interval
     for segment, first, end in session._owned(track.stream):
@@ -701,18 +712,9 @@ def _check_bound(session: DkvSession, track, original_bits: np.ndarray, decoded_
             bound = codec.error_bound(parts, track.ggml_type, decoded, first_row=lo)
             errors = bound.errors(as_float64(original_bits[first + lo:first + hi], track.ggml_type),
                                   as_float64(decoded, track.ggml_type))
-            over = ~(errors <= bound.limit)  # NaN errors (a damaged payload decoding to NaN) count as over
-            with np.errstate(divide="ignore", invalid="ignore"):
-                used = np.where(bound.limit > 0, errors / bound.limit, np.where(errors == 0, 0.0, np.inf))
-            used[np.isnan(used)] = np.inf
-            worst = max(worst, float(used.max()) if used.size else 0.0)
-            figures += over.size
-            over_count += int(over.sum())
-            if first_over is None and over.any():
-                row, group = np.argwhere(over)[0]
-                what = f"value {group}" if bound.group == 1 else f"values {group * bound.group}..{(group + 1) * bound.group - 1} (L2)"
-                first_over = f"row {first + lo + row}, {what}: error {errors[row, group]:.6g}, bound {bound.limit[row, group]:.6g}"
-    if first_over is None:
-        return worst, []
-    return worst, [f"{track.name}: {over_count} of {figures} error figures exceed what the stored {codec.name} parts "
-                   f"prove (SPEC.md 6.4); first at {first_over}"]
+            tally.add(errors, bound.limit, first + lo, lambda g: f"value {g}" if bound.group == 1 else
+                      f"values {g * bound.group}..{(g + 1) * bound.group - 1} (L2)")
+    if tally.first_over is None:
+        return tally.worst, []
+    return tally.worst, [f"{track.name}: {tally.over} of {tally.figures} error figures exceed what the stored {codec.name} "
+                         f"parts prove (SPEC.md 6.4); first at {tally.first_over}"]
