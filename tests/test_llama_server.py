@@ -209,7 +209,7 @@ def test_slots_saved_to_a_shared_store_and_restored_from_it(tmp_path, store, mon
         deltakv("slot", "save", "--server", server.url, "--slot-dir", slot_dir, "--codec", "raw", url)
         follow_up = prompt + first["tokens"] + tokenize(server, FOLLOW_UP)
         reference = complete(server, follow_up, 16)
-        assert f"chat.dkv" in deltakv("slot", "list", "--server", server.url, "--store", url.rsplit("/", 1)[0]).stdout
+        assert "chat.dkv" in deltakv("slot", "list", "--server", server.url, "--store", url.rsplit("/", 1)[0]).stdout
     assert list(slot_dir.iterdir()) == []
     with llama_server.running_server(smol, "-fa", "on", slot_dir=slot_dir, log_dir=tmp_path, n_ctx=2048) as server:
         deltakv("slot", "restore", "--server", server.url, "--slot-dir", slot_dir, url)

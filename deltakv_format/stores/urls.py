@@ -106,7 +106,7 @@ def _redis_store(url: str, parts, segments: list[str]) -> SessionStore:
     if not parts.hostname:
         _refuse(url, f"{parts.scheme}://HOST[:PORT]/DB", "no host")
     try:
-        port = parts.port
+        parts.port  # urlsplit checks the port only when asked
     except ValueError:
         _refuse(url, "a port from 1 to 65535", repr(parts.netloc.rsplit(":", 1)[-1]))
     db = 0
