@@ -692,6 +692,7 @@ class _BoundTally:
             self.first_over = (f"row {first_row + row}, {describe(group)}: error {errors[row, group]:.6g}, "
                                f"bound {limit[row, group]:.6g}")
 
+
 _BOUND_PIECE_VALUES = 1 << 22  # values per piece of a track checked at once (32 MiB per float64 array)
 
 

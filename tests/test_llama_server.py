@@ -61,21 +61,13 @@ def deltakv(*args, check=True) -> subprocess.CompletedProcess:
     return result
 
 
-def tokenize(server, text: str) -> list[int]:
-    return server.tokenize(text)
-
-
-def complete(server, tokens: list[int], n: int) -> dict:
-    return server.complete(tokens, n)
-
-
 def chat_then_save(server, slot_dir: Path, dkv: Path, codec: str) -> tuple[list[int], dict]:
     """The first turn, saved; then the live server's answer to the follow-up (the reference)."""
-    prompt = tokenize(server, TEXT)[:PROMPT_TOKENS]
-    first = complete(server, prompt, ANSWER_TOKENS)
+    prompt = server.tokenize(TEXT)[:PROMPT_TOKENS]
+    first = server.complete(prompt, ANSWER_TOKENS)
     deltakv("slot", "save", "--server", server.url, "--slot-dir", slot_dir, "--codec", codec, dkv)
-    follow_up = prompt + first["tokens"] + tokenize(server, FOLLOW_UP)
-    return follow_up, complete(server, follow_up, CONTINUATION_TOKENS)
+    follow_up = prompt + first["tokens"] + server.tokenize(FOLLOW_UP)
+    return follow_up, server.complete(follow_up, CONTINUATION_TOKENS)
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -99,7 +91,7 @@ def test_save_restart_restore_continue(tmp_path, case, codec):
         restored = deltakv("slot", "restore", "--server", server.url, "--slot-dir", slot_dir, dkv)
         assert "-> slot 0" in restored.stdout
         assert list(slot_dir.iterdir()) == [], "the temporary raw file is removed after the server read it"
-        resumed = complete(server, follow_up, CONTINUATION_TOKENS)
+        resumed = server.complete(follow_up, CONTINUATION_TOKENS)
     # The server evaluated only what the restored slot did not hold (the follow-up), not the chat.
     evaluated = resumed["timings"]["prompt_n"]
     assert evaluated < len(follow_up) - PROMPT_TOKENS, (evaluated, len(follow_up))
@@ -134,11 +126,11 @@ def test_errors_are_one_line_exit_2_and_lose_nothing(tmp_path):
     with llama_server.running_server(smol, "-fa", "on", slot_dir=slot_dir, log_dir=tmp_path, n_ctx=2048) as server:
         fails(["slot", "save", "--server", server.url, "--slot-dir", tmp_path / "nowhere", dkv], "--slot-dir")
         fails(["slot", "save", "--server", server.url, "--slot-dir", slot_dir, "--slot", "7", dkv], "no slot 7")
-        complete(server, tokenize(server, TEXT)[:300], 4)
+        server.complete(server.tokenize(TEXT)[:300], 4)
         deltakv("slot", "save", "--server", server.url, "--slot-dir", slot_dir, dkv)
         fails(["slot", "save", "--server", server.url, "--slot-dir", slot_dir, dkv], "exists", "--force")
         # Busy: a long request holds the slot.
-        long = threading.Thread(target=complete, args=(server, tokenize(server, TEXT)[:1500], 64))
+        long = threading.Thread(target=server.complete, args=(server.tokenize(TEXT)[:1500], 64))
         long.start()
         try:
             deadline = time.monotonic() + 30
@@ -173,8 +165,8 @@ def test_a_slot_file_with_an_appendix_restores_into_the_server(tmp_path):
     slot_dir.mkdir()
     appendix = b"SCKP" + struct.pack("<II", 1, 0) + bytes(16)
     with llama_server.running_server(smol, "-fa", "on", slot_dir=slot_dir, log_dir=tmp_path, n_ctx=2048) as server:
-        prompt = tokenize(server, TEXT)[:400]
-        complete(server, prompt, 4)
+        prompt = server.tokenize(TEXT)[:400]
+        server.complete(prompt, 4)
         server.post("/slots/0?action=save", {"filename": "native.bin"})
         native = (slot_dir / "native.bin").read_bytes()
         (tmp_path / "patched.bin").write_bytes(native + appendix)
@@ -185,7 +177,7 @@ def test_a_slot_file_with_an_appendix_restores_into_the_server(tmp_path):
         server.post("/slots/0?action=erase", {})
         restored = deltakv("slot", "restore", "--server", server.url, "--slot-dir", slot_dir, tmp_path / "patched.dkv")
         assert "-> slot 0" in restored.stdout
-        again = complete(server, prompt + [prompt[0]], 1)
+        again = server.complete(prompt + [prompt[0]], 1)
         assert again["timings"]["prompt_n"] <= 2, json.dumps(again["timings"])
 
 
@@ -204,15 +196,15 @@ def test_slots_saved_to_a_shared_store_and_restored_from_it(tmp_path, store, mon
     slot_dir = tmp_path / "slots"
     slot_dir.mkdir()
     with llama_server.running_server(smol, "-fa", "on", slot_dir=slot_dir, log_dir=tmp_path, n_ctx=2048) as server:
-        prompt = tokenize(server, TEXT)[:400]
-        first = complete(server, prompt, 8)
+        prompt = server.tokenize(TEXT)[:400]
+        first = server.complete(prompt, 8)
         deltakv("slot", "save", "--server", server.url, "--slot-dir", slot_dir, "--codec", "raw", url)
-        follow_up = prompt + first["tokens"] + tokenize(server, FOLLOW_UP)
-        reference = complete(server, follow_up, 16)
+        follow_up = prompt + first["tokens"] + server.tokenize(FOLLOW_UP)
+        reference = server.complete(follow_up, 16)
         assert "chat.dkv" in deltakv("slot", "list", "--server", server.url, "--store", url.rsplit("/", 1)[0]).stdout
     assert list(slot_dir.iterdir()) == []
     with llama_server.running_server(smol, "-fa", "on", slot_dir=slot_dir, log_dir=tmp_path, n_ctx=2048) as server:
         deltakv("slot", "restore", "--server", server.url, "--slot-dir", slot_dir, url)
-        resumed = complete(server, follow_up, 16)
+        resumed = server.complete(follow_up, 16)
     assert resumed["tokens"] == reference["tokens"]
     assert resumed["timings"]["prompt_n"] < len(follow_up) - len(prompt)

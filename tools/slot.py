@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltakv_format.constants import GGUFValueType
+from deltakv_format.constants import DEFAULT_CODEC, GGUFValueType
 from deltakv_format.errors import DeltaKVError
 from deltakv_format.gguf_io import KeyValue
 from deltakv_format.llama_state import parse_state, write_state
@@ -179,11 +179,9 @@ def save(server: LlamaServer, slot_id: int, slot_dir, write_dkv, *, codec=None, 
         if model_path is not None:
             extra += [KeyValue(KEY_SERVER_MODEL, GGUFValueType.STRING, model_path.name),
                       KeyValue(KEY_SERVER_MODEL_DIGEST, GGUFValueType.STRING, model_file_digest(model_path))]
-        options = {k: v for k, v in dict(k_codec=k_codec, v_codec=v_codec, bits=bits).items() if v is not None}
-        options["transcode"] = transcode
         rope = rope_for_state(model, state)
-        data = session_bytes(state, codec, extra_kvs=extra, rope=rope, **options) if codec else \
-            session_bytes(state, extra_kvs=extra, rope=rope, **options)
+        data = session_bytes(state, codec or DEFAULT_CODEC, k_codec=k_codec, v_codec=v_codec, bits=bits,
+                             transcode=transcode, extra_kvs=extra, rope=rope)
         del state
         where = write_dkv(data)
     except (DeltaKVError, OSError) as e:

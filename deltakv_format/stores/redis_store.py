@@ -107,8 +107,9 @@ class RedisStore:
     copy of the bytes (stable however the entry changes). Last use has the server clock's
     resolution, one microsecond, and strictly increases from one put or touch to the next.
     ``timeout_s`` bounds each wait for the server (one socket read or write, not a whole
-    transfer), so a server that stops answering fails a call instead of hanging it. Entries larger than ``max_entry_bytes`` (default and most: 512 MiB, a Redis
-    string's limit) raise :class:`EntryTooLargeError` before anything is sent.
+    transfer), so a server that stops answering fails a call instead of hanging it. Entries
+    larger than ``max_entry_bytes`` (default and most: 512 MiB, a Redis string's limit) raise
+    :class:`EntryTooLargeError` before anything is sent.
     """
 
     def __init__(self, url_or_client="redis://127.0.0.1:6379/0", *, prefix: str = DEFAULT_PREFIX,
