@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# deltakv on a GPU build of llama.cpp, end to end, in one go on a machine with an NVIDIA GPU and nvcc:
+#   1. build libllama + ggml with CUDA (sm_90 by default) from llama-cpp-python 0.3.36's vendored llama.cpp,
+#      and deltakv's kernel library, at the same time;
+#   2. write the models: GGUFs of SmolLM2-135M's and Gemma 3 270M's shape (their real headers and tokenizers,
+#      random weights: tools/measure/synthetic_gguf.py) and one of an 8B model's KV shape;
+#   3. tools/measure/bench_gpu_llama.py: save / resume / extend of live CUDA contexts through deltakv vs
+#      llama.cpp's own sequence files vs re-evaluation, logits compared, LLAMA_STATE_SEQ_FLAGS_ON_DEVICE probed.
+#
+# What it needs in the checkout (all git-ignored, carried to the device; tools/measure/gpu_prepare.sh makes them):
+#   .gpu/llama.cpp      the sources the library build needs (20 MB of the sdist's vendor/llama.cpp)
+#   .gpu/pylib/llama_cpp the llama_cpp Python package without its CPU libraries (the CUDA ones go in its lib/)
+#   .gpu/skel/*.json.gz  model skeletons (header + tensor shapes)
+#   .whl/                crc32c, gguf, diskcache wheels for the device's Python
+#
+#   OUT=/tmp/out TOKENS=4096,32768 runtime/kernels/llama_cuda_run.sh
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+OUT="${OUT:-$root/runtime/build/llama_cuda_run}"
+ARCHS="${ARCHS:-90}"
+TOKENS="${TOKENS:-4096,32768}"
+BUILD="${LLAMA_BUILD:-$root/.gpu/build}"
+mkdir -p "$OUT"
+cd "$root"
+export PYTHONUNBUFFERED=1 DELTAKV_GPU_BACKEND=cuda
+t0=$(date +%s)
+stamp() { echo "== $(date -u +%H:%M:%S) (+$(( $(date +%s) - t0 )) s) $*"; }
+
+stamp "machine"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -1
+  ls /usr/local/cuda/lib64 2>/dev/null | grep -c cublas; } 2>&1 | tee "$OUT/machine.txt"
+
+stamp "build libllama (CUDA sm_$ARCHS) and the deltakv kernels"
+"$here/build.sh" cuda $ARCHS > "$OUT/kernels_build.log" 2>&1 &
+kpid=$!
+if [ ! -f "$BUILD/bin/libllama.so" ]; then
+  cmake -S "$root/.gpu/llama.cpp" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_CUDA_NCCL=OFF > "$OUT/llama_cmake.log" 2>&1 \
+    || { tail -30 "$OUT/llama_cmake.log"; stamp "cmake failed"; exit 1; }
+fi
+timeout "${BUILD_TIMEOUT:-500}" ninja -C "$BUILD" -j "$(nproc)" llama > "$OUT/llama_build.log" 2>&1
+build_rc=$?
+tail -3 "$OUT/llama_build.log"
+wait $kpid; krc=$?
+stamp "builds done: llama rc=$build_rc kernels rc=$krc"
+[ "$build_rc" -eq 0 ] || { tail -20 "$OUT/llama_build.log"; exit 1; }
+[ "$krc" -eq 0 ] || { tail -20 "$OUT/kernels_build.log"; exit 1; }
+cp -a "$BUILD"/bin/lib*.so* "$root/.gpu/pylib/llama_cpp/lib/"
+
+pp="$(mktemp -d)"
+ln -s "$root/runtime" "$pp/deltakv_runtime"
+ln -s "$root/tools" "$pp/deltakv_tools"
+export PYTHONPATH="$root:$root/.gpu/pylib:$pp${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'gpu offload', llama_cpp.llama_supports_gpu_offload())"
+
+stamp "models"
+models=/tmp/deltakv-models
+mkdir -p $models
+python3 -m deltakv_tools.measure.synthetic_gguf write .gpu/skel/smollm2.json.gz $models/kv8b-shape.gguf --kv-shape-8b &
+python3 -m deltakv_tools.measure.synthetic_gguf write .gpu/skel/smollm2.json.gz $models/smollm2-shape.gguf &
+python3 -m deltakv_tools.measure.synthetic_gguf write .gpu/skel/gemma3.json.gz $models/gemma3-shape.gguf &
+wait
+
+stamp "bench (tokens $TOKENS)"
+for t in ${TOKENS//,/ }; do
+  for m in ${MODELS:-kv8b-shape smollm2-shape gemma3-shape}; do
+    timeout "${BENCH_TIMEOUT:-300}" python3 -X faulthandler -m deltakv_tools.measure.bench_gpu_llama --model $models/$m.gguf --tokens $t \
+      --repeat "${REPEAT:-3}" --out "$OUT/gpu_llama_${m}_$t.md" > "$OUT/bench_${m}_$t.log" 2>&1
+    echo "rc=$?"; grep -v "^llama_\|^load\|^print_info\|^init\|^\.\|^graph\|^sched\|^llm_\|^set_" "$OUT/bench_${m}_$t.log" | tail -25
+    stamp "$m $t done"
+  done
+done
+stamp "all done"
