@@ -176,6 +176,29 @@ def test_random_parity(name, interval, rotation, ggml_type, vpl):
     check_codec(name, interval, rotation, rows, ggml_type, ranges=[(0, 1), (3, 17), (n_rows - 5, n_rows), (13, 14)])
 
 
+@pytest.mark.parametrize("ggml_type", [F16, F32], ids=lambda t: GGMLType(t).name)
+@pytest.mark.parametrize("rotation", [0, 64])
+def test_scale_search_every_path(rotation, ggml_type):
+    """dkv-q4's encoder skips scale candidates that provably cannot win and clamps that no code can
+    reach, and falls back to the plain 7-candidate search when a block's scales are f16-subnormal
+    or saturated: blocks of magnitudes 1e-9 .. 6e4 (and slowly drifting rows, so that residuals are
+    tiny too) drive every path; the bytes must still be the reference's."""
+    rng = np.random.default_rng(1234 + rotation + int(ggml_type))
+    n_rows, n_values = 24, 512
+    mags = np.float32(10.0) ** rng.uniform(-9, 4.5, n_values // 32).astype(np.float32)
+    if ggml_type == F16:
+        mags = np.maximum(mags, np.float32(3e-6))
+    cols = np.repeat(mags, 32)
+    drift = np.cumsum(rng.standard_normal((n_rows, n_values)).astype(np.float32), axis=0)
+    drift *= np.float32(1e-4) ** rng.integers(0, 3, (n_rows, 1)).astype(np.float32)
+    v = (rng.standard_normal(n_values).astype(np.float32) + drift) * cols
+    v = np.clip(v, -65504, 65504).astype(np.float32)
+    v[:, :32] *= np.float32(0.0)  # an all-zero block
+    rows = as_bits(v, ggml_type)
+    for interval in (1, 8):
+        check_codec("dkv-q4", interval, rotation, rows, ggml_type, ranges=[(0, n_rows)])
+
+
 SHAPES = [(1, 32), (2, 64), (33, 96), (64, 128), (70, 512), (129, 1024)]
 
 

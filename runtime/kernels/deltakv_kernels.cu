@@ -526,78 +526,169 @@ k_encode_q8_0(const void* __restrict__ src, int64_t n_values, int64_t total, uin
     for (int i = lane; i < n; i += STAGE_THREADS) out[i] = stage[i];
 }
 
-/* kernels._codes_for_scale for one value, as a float code 0..15. */
-DKV_DEV float code_of(float r, float inv) {
-    float v = DKV_FADD(rintf(DKV_FMUL(r, inv)), 8.0f);
-    v = v < 0.0f ? 0.0f : v;
-    v = v > 15.0f ? 15.0f : v;
-    return v;
+/* ---- the dkv-q4 scale search (simd.dkv_search_group), per block of 32 values in one thread ----
+ *
+ * Codes: k = q - 8 = rint(clamp(x / d, -8, 7)), with x * (1/d) as the reference, rint by the
+ * 1.5 * 2^23 trick (exact RNE once |y| <= 2^22; (y + M) - M is +0, never -0, for a zero code: the
+ * decoder's q - 8). Reconstruction d * k is exact in f32 (11 x 4 significant bits), so
+ * base + d * k and d * k - target are single fused operations that round once, like the
+ * reference's add and subtract. Errors are summed in value order, one candidate at a time.
+ *
+ * Work saved without changing a result (the reference evaluates 7 level candidates + a refit per
+ * mode; this does 5 + 1 on every block whose scales are not f16-subnormal-tiny):
+ *   - CLAMP: with Y = fl(amax * |1/d|) >= every |y| (rounding is monotone), a clamp side that no y
+ *     can reach is dropped: none when Y < 7.5, the upper one only when Y <= 8.5;
+ *   - levels 7 and 6.5 mirror -7 and -6.5: d(-L) = -d(L) exactly (IEEE division and the f16
+ *     rounding are odd), so their codes are k(-L) = -rint(clamp(-y)) = rint(clamp(y, -7, 8)), the
+ *     same as level L's rint(y) whenever Y < 7.5 (no clamp reached on either side): equal
+ *     reconstructions, equal errors, and the earlier level (-7 before 7, -6.5 before 6.5) wins the
+ *     tie, so 7 and 6.5 can never be chosen and are not evaluated.
+ * A block that misses a condition (tiny or saturated scales) takes the plain 7-candidate path. */
+
+constexpr float RINT_MAGIC = 12582912.0f;  // 1.5 * 2^23
+constexpr uint32_t RINT_MAGIC_CODE8 = 0x4b400000u - 8u;  // bits(M + k) - this = k + 8, the code
+
+template <int CLAMP>  // 2: both sides; 1: upper side only (y >= -8.5 known); 0: none (|y| < 7.5 known)
+DKV_DEV float kcode_t(float x, float inv, float& t) {
+    float y = DKV_FMUL(x, inv);
+    if constexpr (CLAMP == 2) y = fmaxf(y, -8.0f);
+    if constexpr (CLAMP >= 1) y = fminf(y, 7.0f);
+    t = DKV_FADD(y, RINT_MAGIC);
+    return DKV_FADD(t, -RINT_MAGIC);
+}
+template <int CLAMP>
+DKV_DEV float kcode(float x, float inv) {
+    float t;
+    return kcode_t<CLAMP>(x, inv, t);
 }
 
 DKV_DEV float safe_inv(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }
 
-/* kernels._block_error for the codes of scale d (codes recomputed by _codes_for_scale). */
-template <bool INTER>
-DKV_DEV float eval_scale(const float (&tg)[QK], const float (&st)[QK], float d) {
-    const float inv = safe_inv(d);
+/* The reference's block error for scale d: x = the coded values (residual or target). */
+template <bool INTER, int CLAMP>
+DKV_DEV float block_err(const float (&x)[QK], const float (&tg)[QK], const float (&st)[QK], float d, float inv) {
     float err = 0.0f;
 #pragma unroll
     for (int j = 0; j < QK; ++j) {
-        const float r = INTER ? tg[j] - st[j] : tg[j];
-        float rec = DKV_FMUL(d, code_of(r, inv) - 8.0f);
-        if (INTER) rec = DKV_FADD(st[j], rec);
-        const float e = rec - tg[j];
+        const float k = kcode<CLAMP>(x[j], inv);
+        const float e = INTER ? DKV_FADD(DKV_FMA(d, k, st[j]), -tg[j]) : DKV_FMA(d, k, -tg[j]);
         err = DKV_FADD(err, DKV_FMUL(e, e));
     }
     return err;
 }
 
-/* kernels._search_block: returns the error and the f16 bits of the chosen scale. The codes are a
- * function of (residual, scale), so they are recomputed where needed instead of being kept. */
 template <bool INTER>
-DKV_DEV void search_block(const float (&tg)[QK], const float (&st)[QK], float& best_err, uint32_t& best_h) {
-    float amax = 0.0f, vmax = 0.0f;
+DKV_DEV float block_err_any(int clamp, const float (&x)[QK], const float (&tg)[QK], const float (&st)[QK], float d,
+                            float inv) {
+    if (clamp == 0) return block_err<INTER, 0>(x, tg, st, d, inv);
+    if (clamp == 1) return block_err<INTER, 1>(x, tg, st, d, inv);
+    return block_err<INTER, 2>(x, tg, st, d, inv);
+}
+
+/* The clamp a scale needs (see CLAMP above), from Y = fl(amax * |inv|). */
+DKV_DEV int clamp_need(float amax, float inv) {
+    const float y = DKV_FMUL(amax, fabsf(inv));
+    return y < 7.5f ? 0 : (y <= 8.5f ? 1 : 2);
+}
+
+/* Least-squares refit sums over the codes of scale 1/inv: num = sum x k in value order (rounded);
+ * den = sum k k is exact in any order (integers below 2^12), so one fused multiply-add each. */
+template <int CLAMP>
+DKV_DEV void refit_sums(const float (&x)[QK], float inv, float& num, float& den) {
+    num = 0.0f;
+    den = 0.0f;
 #pragma unroll
     for (int j = 0; j < QK; ++j) {
-        const float r = INTER ? tg[j] - st[j] : tg[j];
-        const float a = fabsf(r);
+        const float k = kcode<CLAMP>(x[j], inv);
+        num = DKV_FADD(num, DKV_FMUL(x[j], k));
+        den = DKV_FMA(k, k, den);
+    }
+}
+
+DKV_DEV float search_level(int li) {  // simd.SEARCH_LEVELS: -8, -7.5, -7, -6.5, 7, 6.5, 6
+    return li < 4 ? -8.0f + 0.5f * (float)li : 7.0f - 0.5f * (float)(li - 4);
+}
+
+/* simd.dkv_search_group for one block and mode: the error and the f16 bits of the chosen scale. */
+template <bool INTER>
+DKV_DEV void search_block(const float (&x)[QK], const float (&tg)[QK], const float (&st)[QK], float& best_err,
+                          uint32_t& best_h) {
+    float amax = 0.0f, vmax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < QK; ++j) {  // the first value of largest magnitude
+        const float a = fabsf(x[j]);
         if (amax < a) {
             amax = a;
-            vmax = r;
+            vmax = x[j];
         }
     }
     best_h = 0;
-    if (amax == 0.0f) {
-        best_err = eval_scale<INTER>(tg, st, 0.0f);
-        return;
-    }
+    best_err = 0.0f;
+    if (amax == 0.0f) return;  // scale 0, codes 8, error 0; no refit
     best_err = as_f32(0x7f800000u);
+    float best_inv = 0.0f;
+    int best_clamp = 2;
+    // The five candidates of the fast path, in the reference's order: -8, -7.5, -7, -6.5, 6.
+    uint32_t hs[5];
+    float ds[5], invs[5];
+    hs[0] = f32_to_f16_sat(as_u32(DKV_FMUL(vmax, -0.125f)));  // x / -8 == x * -0.125 exactly
+    hs[1] = f32_to_f16_sat(as_u32(vmax / -7.5f));
+    hs[2] = f32_to_f16_sat(as_u32(vmax / -7.0f));
+    hs[3] = f32_to_f16_sat(as_u32(vmax / -6.5f));
+    hs[4] = f32_to_f16_sat(as_u32(vmax / 6.0f));
+    bool fast = true;
+#pragma unroll
+    for (int c = 0; c < 5; ++c) {
+        ds[c] = f16_to_f32(hs[c]);
+        invs[c] = safe_inv(ds[c]);
+        fast &= clamp_need(amax, invs[c]) <= (c < 2 ? 1 : 0);
+    }
+    if (fast) {
+        // Loops of one candidate per trip (a 32-value body each); the candidate's scale is picked
+        // by selects so that the arrays stay in registers.
 #pragma unroll 1
-    for (int li = 0; li < 7; ++li) {
-        // -8, -7.5, -7, -6.5, 7, 6.5, 6
-        const float level = li < 4 ? -8.0f + 0.5f * (float)li : 7.0f - 0.5f * (float)(li - 4);
-        const uint32_t h = f32_to_f16_sat(as_u32(vmax / level));
-        const float err = eval_scale<INTER>(tg, st, f16_to_f32(h));
-        if (err < best_err) {
-            best_err = err;
-            best_h = h;
+        for (int c = 0; c < 5; ++c) {
+            uint32_t h = hs[0];
+            float d = ds[0], inv = invs[0];
+#pragma unroll
+            for (int i = 1; i < 5; ++i) {
+                h = c == i ? hs[i] : h;
+                d = c == i ? ds[i] : d;
+                inv = c == i ? invs[i] : inv;
+            }
+            const float err = c < 2 ? block_err<INTER, 1>(x, tg, st, d, inv) : block_err<INTER, 0>(x, tg, st, d, inv);
+            if (err < best_err) {
+                best_err = err;
+                best_h = h;
+                best_inv = inv;
+                best_clamp = c < 2 ? 1 : 0;
+            }
+        }
+    } else {
+#pragma unroll 1
+        for (int li = 0; li < 7; ++li) {
+            const uint32_t h = f32_to_f16_sat(as_u32(vmax / search_level(li)));
+            const float d = f16_to_f32(h);
+            const float inv = safe_inv(d);
+            const float err = block_err<INTER, 2>(x, tg, st, d, inv);
+            if (err < best_err) {
+                best_err = err;
+                best_h = h;
+                best_inv = inv;
+            }
         }
     }
     // Least-squares scale for the chosen codes, then requantise once.
-    const float inv = safe_inv(f16_to_f32(best_h));
-    float num = 0.0f, den = 0.0f;
-#pragma unroll
-    for (int j = 0; j < QK; ++j) {
-        const float r = INTER ? tg[j] - st[j] : tg[j];
-        const float k = code_of(r, inv) - 8.0f;
-        num = DKV_FADD(num, DKV_FMUL(r, k));
-        den = DKV_FADD(den, DKV_FMUL(k, k));
-    }
+    float num, den;
+    if (best_clamp == 0) refit_sums<0>(x, best_inv, num, den);
+    else if (best_clamp == 1) refit_sums<1>(x, best_inv, num, den);
+    else refit_sums<2>(x, best_inv, num, den);
     if (den > 0.0f) {
         const uint32_t h = f32_to_f16_sat(as_u32(num / den));
         const float d = f16_to_f32(h);
         if (d == d && fabsf(d) < 65504.0f) {
-            const float err = eval_scale<INTER>(tg, st, d);
+            const float inv = safe_inv(d);
+            const float err = block_err_any<INTER>(clamp_need(amax, inv), x, tg, st, d, inv);
             if (err < best_err) {
                 best_err = err;
                 best_h = h;
@@ -606,23 +697,26 @@ DKV_DEV void search_block(const float (&tg)[QK], const float (&st)[QK], float& b
     }
 }
 
+/* The chosen block: codes packed as store_q4_block wants them, and the state advanced as the
+ * decoder does (inter: base + d * k, one rounding; intra: d * k). */
 template <bool INTER>
-DKV_DEV void codes_words(const float (&tg)[QK], const float (&st)[QK], float d, uint32_t (&words)[8]) {
+DKV_DEV void emit_block(const float (&x)[QK], float d, float (&st)[QK], uint32_t (&words)[8]) {
     const float inv = safe_inv(d);
 #pragma unroll
     for (int k = 0; k < 8; ++k) words[k] = 0;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        const float r0 = INTER ? tg[j] - st[j] : tg[j];
-        const float r1 = INTER ? tg[16 + j] - st[16 + j] : tg[16 + j];
-        const uint32_t c0 = (uint32_t)code_of(r0, inv), c1 = (uint32_t)code_of(r1, inv);
-        words[j >> 1] |= (c0 | (c1 << 4)) << ((j & 1) * 8);
+    for (int j = 0; j < QK; ++j) {
+        float t;
+        const float k = kcode_t<2>(x[j], inv, t);
+        const uint32_t c = as_u32(t) - RINT_MAGIC_CODE8;
+        words[(j & 15) >> 1] |= c << ((j & 1) * 8 + (j >= 16 ? 4 : 0));
+        st[j] = INTER ? DKV_FMA(d, k, st[j]) : DKV_FMUL(d, k);
     }
 }
 
 /* Closed-loop delta encoder (kernels.encode_delta): thread = (chunk, 32-value block). */
 template <int KIND, int ROT>
-__global__ void __launch_bounds__(ENC_THREADS)
+__global__ void __launch_bounds__(ENC_THREADS, 4)  /* <= 128 registers: 16 warps per SM */
 k_encode_delta(const void* __restrict__ src, int64_t n_rows, int64_t n_values, int64_t interval, int adaptive,
                int search, int64_t nb_pad, int64_t total_lanes, void* __restrict__ keys, uint8_t* __restrict__ q4,
                uint8_t* __restrict__ modes) {
@@ -664,34 +758,40 @@ k_encode_delta(const void* __restrict__ src, int64_t n_rows, int64_t n_values, i
         bool inter = true;
         if (ok) {
             uint32_t h = 0, words[8];
-            float err_inter = 0.0f;
+            uint8_t* blk = q4 + (d0 + j - 1) * qrow + b * Q4B;
             if (search) {
-                search_block<true>(tg, st, err_inter, h);
+                float r[QK];  // the residual row of the reference
+#pragma unroll
+                for (int k = 0; k < QK; ++k) r[k] = tg[k] - st[k];
+                float err_inter;
+                search_block<true>(r, tg, st, err_inter, h);
+                if (adaptive) {  // intra only when strictly better
+                    float err_intra;
+                    uint32_t h_intra;
+                    search_block<false>(tg, tg, st, err_intra, h_intra);
+                    if (err_intra < err_inter) {
+                        inter = false;
+                        h = h_intra;
+                    }
+                }
+                const float d = f16_to_f32(h);
+                if (inter) emit_block<true>(r, d, st, words);
+                else emit_block<false>(tg, d, st, words);
+                store_q4_block(blk, h, words);
             } else {
+                // ggml's Q4_0 rule on the residual; with no error computed, intra never wins.
                 float x[QK];
 #pragma unroll
                 for (int k = 0; k < QK; ++k) x[k] = tg[k] - st[k];
                 h = quant_q4_0_ggml(x, words);
-            }
-            if (adaptive) {
-                float err_intra;
-                uint32_t h_intra;
-                search_block<false>(tg, st, err_intra, h_intra);
-                if (err_intra < err_inter) {
-                    inter = false;
-                    h = h_intra;
-                }
-            }
-            const float d = f16_to_f32(h);
-            if (!inter) codes_words<false>(tg, st, d, words);
-            else if (search) codes_words<true>(tg, st, d, words);
-            store_q4_block(q4 + (d0 + j - 1) * qrow + b * Q4B, h, words);
-            // Advance the state exactly as the decoder does (closed loop).
+                store_q4_block(blk, h, words);
+                const float d = f16_to_f32(h);
+                // Advance the state exactly as the decoder does (closed loop).
 #pragma unroll
-            for (int k = 0; k < QK; ++k) {
-                const uint32_t c = (words[(k & 15) >> 1] >> ((k & 1) * 8 + (k >= 16 ? 4 : 0))) & 0xfu;
-                const float step = DKV_FMUL(d, q4f(c));
-                st[k] = inter ? DKV_FADD(st[k], step) : step;
+                for (int k = 0; k < QK; ++k) {
+                    const uint32_t c = (words[(k & 15) >> 1] >> ((k & 1) * 8 + (k >= 16 ? 4 : 0))) & 0xfu;
+                    st[k] = DKV_FMA(d, q4f(c), st[k]);  // d * (q - 8) is exact: one rounding, as the add
+                }
             }
         }
         if (adaptive) {
