@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -27,6 +29,11 @@ from .session_tracks import (
 )
 from .session_writer import SessionTensors, plan_tracks, segment_header_growth, session_kvs, stream_context, token_format_of, write_session
 from .state_model import KVCacheSection, LlamaState, OpaqueSection
+
+class WholeStateNeeded(DeltaKVError):
+    """An append given the live state's tail only (``row_offsets``) cannot be made from it: the
+    change reaches rows before the tail, or the file must be rewritten. Nothing was written; the
+    caller retries with the whole live state."""
 
 
 def first_differing_cell(old_cells, old_ends: np.ndarray, live_cells, live_count: int) -> int:
@@ -71,8 +78,9 @@ def _check_same_structure(old: DkvSession, state: LlamaState, by_stream: dict[in
                                        f"the stored ones {old.stream_ext[g]}")
 
 
-def _rewrite_reason(old: DkvSession, state: LlamaState, by_stream) -> str | None:
-    """Why ``state`` cannot be stored as an append to ``old`` (None when it can)."""
+def _rewrite_reason(old: DkvSession, state: LlamaState, by_stream, offsets) -> str | None:
+    """Why ``state`` (from row ``offsets[g]`` of each stream on) cannot be stored as an append to
+    ``old`` (None when it can)."""
     for i, sec in enumerate(state.sections):
         if not isinstance(sec, OpaqueSection):
             continue
@@ -90,7 +98,7 @@ def _rewrite_reason(old: DkvSession, state: LlamaState, by_stream) -> str | None
         if len(tokens) < len(stored) or not np.array_equal(tokens[:len(stored)], stored):
             return "the stored tokens are not a prefix of the live ones"
     for g, (_, stream) in enumerate(live_streams(state)):
-        if old.stream_cells[g] and not stream.cell_count:
+        if old.stream_cells[g] and not offsets[g] + stream.cell_count:
             return f"stream {g} has no cells left"
         if not old.stream_cells[g] and stream.cell_count and not old.stream_n_k[g] + old.stream_n_v[g]:
             return f"stream {g} was empty when stored"
@@ -118,7 +126,8 @@ def rewrite_session(path, state: LlamaState, old: DkvSession, rope=None) -> None
                   extra_kvs=extra, track_codecs=track_codecs, rope=rope, transcode=transcode)
 
 
-def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, progress=None, *, rope=None) -> dict:
+def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, progress=None, *, rope=None,
+                   row_offsets: list[int] | None = None, seconds: dict | None = None) -> dict:
     """Bring the stored session up to ``state``, a newer state of the same context.
 
     ``session``: the session as :meth:`DkvSession.open_for_append` opened it (locked, its journal
@@ -138,6 +147,14 @@ def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, p
     Appended segments keep each track's stored codec (its rotary parameters included); ``rope``
     (``write_session``'s) matters only to a rewrite whose tracks are not the stored ones.
 
+    ``row_offsets``: ``state`` holds only a tail of the live state: stream ``g``'s cells (records
+    and rows) are the live ones from row ``row_offsets[g]`` on, and the live rows before it are
+    taken to be the stored ones (the caller's promise: the runtime's spare-sequence copy, which
+    checks it as far as llama.cpp lets it). The append written is then the one the whole state
+    would give; where it would need a row before a tail, or a rewrite, :class:`WholeStateNeeded`
+    is raised and nothing is written. ``seconds``: filled with the time spent coding the rows
+    (``encode``: the new segment, or the rewrite) and committing them (``write``).
+
     Returns ``rows_added`` (rows written), ``tokens_added`` and ``rewritten`` (why, or None).
     """
     if not isinstance(session, DkvSession):
@@ -150,37 +167,56 @@ def append_session(session: DkvSession | str | os.PathLike, state: LlamaState, p
     path = old.path
     by_stream = tracks_by_stream(old.tracks)
     _check_same_structure(old, state, by_stream)
-    rewrite = _rewrite_reason(old, state, by_stream)
+    n_streams = len(old.stream_cells)
+    offsets = [0] * n_streams if row_offsets is None else [int(o) for o in row_offsets]
+    if len(offsets) != n_streams or any(not 0 <= o <= old.stream_cells[g] for g, o in enumerate(offsets)):
+        raise DeltaKVError(f"row_offsets {row_offsets}: expected one per stream, each within the stored cells "
+                           f"{old.stream_cells}")
+    rewrite = _rewrite_reason(old, state, by_stream, offsets)
+    t = time.perf_counter()
     if rewrite is None:
-        result = _append_rows(old, state, by_stream, progress)
+        result = _append_rows(old, state, by_stream, progress, offsets)
         if result is None:
             rewrite = "superseded rows would outweigh the live ones"
+    if rewrite is not None and row_offsets is not None:
+        raise WholeStateNeeded(f"the append is a rewrite ({rewrite}): it needs the whole live state")
     if rewrite is not None:
         rewrite_session(path, state, old, rope)  # renames over the file; ``old`` keeps its own mapping
+        if seconds is not None:
+            seconds["encode"], seconds["write"] = time.perf_counter() - t, 0.0  # a rewrite does both at once
         tokens = state.tokens()
         return {"rows_added": sum(st.cell_count for _, st in live_streams(state)),
                 "tokens_added": 0 if tokens is None else len(tokens), "rewritten": rewrite}
     kvs, tensors, summary = result
+    if seconds is not None:
+        seconds["encode"] = time.perf_counter() - t
+    t = time.perf_counter()
     if kvs:  # nothing new (no rows, no tokens) is nothing to write
         # Sizes the reserve of the new file written when this header no longer fits the old one's.
         growth = segment_header_growth(old.tracks, len(old.stream_cells), old.token_format, old.n_segments + 1)
         append_container(old.file, kvs, tensors, growth=growth)
+    if seconds is not None:
+        seconds["write"] = time.perf_counter() - t
     return summary
 
 
-def _append_rows(old: DkvSession, state: LlamaState, by_stream, progress):
-    """The key-values and tensors of an append of ``state`` to ``old``, and its summary; None when
-    the file would then hold more superseded rows than live ones (the caller rewrites it)."""
+def _append_rows(old: DkvSession, state: LlamaState, by_stream, progress, offsets):
+    """The key-values and tensors of an append of ``state`` (each stream from row ``offsets[g]`` on)
+    to ``old``, and its summary; None when the file would then hold more superseded rows than live
+    ones (the caller rewrites it)."""
     streams = live_streams(state)
     segment = old.n_segments
     builder = SessionTensors()
     first_rows, rows_added, new_cells, new_cell_bytes = [], [], [], {}
     for g, (_, stream) in enumerate(streams):
         tracks = by_stream.get(g, [])
-        old_n, n = old.stream_cells[g], stream.cell_count
+        at = offsets[g]  # the live row of the stream's first given cell
+        old_n, n = old.stream_cells[g], at + stream.cell_count
         old_cells = old.cells(g)
         old_ends = cell_record_ends(old_cells, old_n, old.stream_ext[g])
-        same = first_differing_cell(old_cells, old_ends, stream.cells, n)
+        skip = int(old_ends[at - 1]) if at else 0  # stored record bytes of the rows before the tail
+        same = at + first_differing_cell(memoryview(old_cells)[skip:], old_ends[at:] - skip, stream.cells,
+                                         stream.cell_count)
         new_cells.append(n)
         if same == old_n == n:
             first_rows.append(0)
@@ -191,14 +227,18 @@ def _append_rows(old: DkvSession, state: LlamaState, by_stream, progress):
         keep = min(same, old_n - 1) if old_n else 0
         chunk = chunk_rows(tracks)
         first = keep - keep % chunk
-        ends = cell_record_ends(stream.cells, n, stream.cell_ext_bytes)
-        start_byte = int(ends[first - 1]) if first else 0
+        if first < at:
+            raise WholeStateNeeded(f"stream {g}: the append starts at row {first}, before the given tail (row {at})")
+        ends = cell_record_ends(stream.cells, stream.cell_count, stream.cell_ext_bytes)
+        start_byte = int(ends[first - at - 1]) if first > at else 0
         cells = np.frombuffer(stream.cells, np.uint8)[start_byte:]
         new_cell_bytes[g] = cells
         builder.add(cells_tensor(g, segment), GGMLType.I8, cells)
-        context = stream_context(stream, tracks, first, n)
+        context = stream_context(stream, tracks, first - at, n - at)
+        if context is not None:
+            context = replace(context, first_row=first)  # the row within the stream, not within the tail
         for t, (_, kv) in zip(tracks, live_tracks(g, stream)):
-            builder.add_track_segment(t, segment, track_rows(kv)[first:], t.name, context)
+            builder.add_track_segment(t, segment, track_rows(kv)[first - at:], t.name, context)
             if progress is not None:
                 progress(t.name)
         first_rows.append(first)
@@ -206,7 +246,7 @@ def _append_rows(old: DkvSession, state: LlamaState, by_stream, progress):
 
     seg_first_row = np.vstack([old.seg_first_row, [first_rows]])
     seg_rows = np.vstack([old.seg_rows, [rows_added]])
-    _check_rebuilt_cells(old, streams, seg_first_row, seg_rows, segment, new_cell_bytes)
+    _check_rebuilt_cells(old, streams, seg_first_row, seg_rows, segment, new_cell_bytes, offsets)
 
     row_cost = [sum(source_row_bytes(t) for t in by_stream.get(g, [])) for g in range(len(streams))]
     held = sum(int(seg_rows[:, g].sum()) * row_cost[g] for g in range(len(streams)))
@@ -229,9 +269,11 @@ def _append_rows(old: DkvSession, state: LlamaState, by_stream, progress):
     return kvs, builder.tensors, {"rows_added": sum(rows_added), "tokens_added": n_new_tokens, "rewritten": None}
 
 
-def _check_rebuilt_cells(old: DkvSession, streams, seg_first_row, seg_rows, segment: int, new_cell_bytes) -> None:
+def _check_rebuilt_cells(old: DkvSession, streams, seg_first_row, seg_rows, segment: int, new_cell_bytes,
+                         offsets) -> None:
     """The cells the new segment table rebuilds, from the stored segments and the new one, must be
-    the live state's, record for record (positions, sequence ids, order), before anything is committed."""
+    the live state's, record for record (positions, sequence ids, order), before anything is committed
+    (given a tail, the stored records before it, then the tail's)."""
     for g, (_, stream) in enumerate(streams):
         def records(s, g=g):
             if s == segment:
@@ -241,7 +283,11 @@ def _check_rebuilt_cells(old: DkvSession, streams, seg_first_row, seg_rows, segm
         spans = owned_spans(seg_first_row, seg_rows, g)
         end = spans[-1][2] if spans else 0
         rebuilt = assemble_cells(spans, records, old.stream_ext[g], g)
-        if end != stream.cell_count or rebuilt != bytes(stream.cells):
+        live = bytes(stream.cells)
+        if offsets[g]:
+            stored = old.cells(g)
+            live = stored[:int(cell_record_ends(stored, old.stream_cells[g], old.stream_ext[g])[offsets[g] - 1])] + live
+        if end != offsets[g] + stream.cell_count or rebuilt != live:
             raise DeltaKVError(
                 f"stream {g}: the appended snapshot would rebuild {end} cells ({len(rebuilt)} bytes), the live state has "
-                f"{stream.cell_count} ({len(stream.cells)} bytes); nothing was written")
+                f"{offsets[g] + stream.cell_count} ({len(live)} bytes); nothing was written")

@@ -1,8 +1,9 @@
 """deltakv_runtime: the llama.cpp shim (save / load / extend a live context, a compressed prompt cache)."""
 
 from .session import extend, live_state, load, save
+from .tail import add_spare_sequence
 
-__all__ = ["save", "load", "extend", "live_state", "DeltaKVCache"]
+__all__ = ["save", "load", "extend", "live_state", "add_spare_sequence", "DeltaKVCache"]
 
 
 def __getattr__(name):

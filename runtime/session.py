@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from deltakv_format.gguf_io import KeyValue
 from deltakv_format.llama_state import file_version_for, parse_state, write_state
 from deltakv_format.model_info import ModelInfo
 from deltakv_format.operations import opened_session
+from deltakv_format.session_append import WholeStateNeeded
 from deltakv_format.session import (
     DkvSession,
     TrackId,
@@ -37,6 +39,8 @@ from deltakv_format.session import (
     write_session,
 )
 from deltakv_format.state_model import Framing, LlamaState
+
+from .tail import add_spare_sequence, spare_tail
 
 KEY_MODEL_DESC = "deltakv.runtime.model_desc"
 KEY_N_VOCAB = "deltakv.runtime.n_vocab"
@@ -147,18 +151,19 @@ def _tokens_from_cells(state: LlamaState) -> np.ndarray | None:
     return tok[order]
 
 
-def live_state(llm, seq_id: int = 0, *, like: DkvSession | None = None, tokens=None) -> LlamaState:
+def live_state(llm, seq_id: int = 0, *, like: DkvSession | None = None, tokens=None, blob=None) -> LlamaState:
     """The live sequence ``seq_id`` as a ggsq-framed state carrying that sequence's tokens.
 
     Tokens: ``tokens`` when given; for sequence 0, the ``Llama`` object's own (llama-cpp-python
     evaluates into sequence 0 and tracks only it); otherwise the cells' token records where the
     state has them. ``like``: a session saved from this context; its layout spares parsing the copy
-    once per candidate layout (an extend should cost the new tokens, not the session)."""
+    once per candidate layout (an extend should cost the new tokens, not the session). ``blob``:
+    the sequence's ``llama_state_seq_get_data`` bytes, when already copied."""
     _check_seq_id(llm, seq_id)
     hints = {}
     if like is not None and len(set(like.stream_ext)) == 1:
         hints = {"layout": like.layout, "cell_ext_bytes": like.stream_ext[0]}
-    state = parse_state(seq_state_bytes(llm, seq_id), framing=Framing.SEQ_STATE, **hints)
+    state = parse_state(seq_state_bytes(llm, seq_id) if blob is None else blob, framing=Framing.SEQ_STATE, **hints)
     streams = [st for sec in state.kv_sections for st in sec.streams]
     if not any(st.cell_count for st in streams):
         raise DeltaKVError(f"sequence {seq_id} holds no cells: evaluate a prompt into it before saving")
@@ -389,14 +394,25 @@ def load(llm, path, *, seq_id: int = 0) -> int:
     return len(tokens)
 
 
-def extend(llm, path, *, seq_id: int = 0, tokens=None) -> dict:
+def extend(llm, path, *, seq_id: int = 0, tokens=None, whole_sequence: bool = False) -> dict:
     """Bring ``path`` up to the live sequence ``seq_id``: append what was evaluated since it was written.
 
-    Cost: the new tokens (plus one re-encoded keyframe chunk), not the session; a sliding-window
-    cache whose window moved costs its window. Where the change is not an append (the stored tokens
-    are no longer a prefix of the live ones, cells were removed), the file is rewritten, crash-safe.
-    ``tokens``: as for :func:`save`. Returns ``rows_added``, ``tokens_added`` and ``rewritten``
-    (None, or why the whole file was written anew).
+    Cost: the new tokens (plus one re-encoded keyframe chunk), not the session, where the context
+    has a spare sequence sharing its KV cache (``n_seq_max >= 2`` and ``kv_unified``; make one with
+    :func:`add_spare_sequence`): only the cells from the last stored keyframe chunk on are copied
+    out of llama.cpp, through the spare (``runtime/tail.py``). Other contexts (llama-cpp-python's
+    default n_seq_max = 1, or one KV stream per sequence), and changes that reach before those cells,
+    copy the whole sequence (``llama_state_seq_get_data``: O(session) bytes) and compare every cell.
+    A sliding-window cache copies and codes its window as well. Where the change is not an append
+    (the stored tokens are no longer a prefix of the live ones, cells were removed), the file is
+    rewritten, crash-safe. ``tokens``: as for :func:`save` (a sequence other than 0 without them
+    copies the whole sequence, to read the cells' token records). ``whole_sequence``: copy the whole
+    sequence even where the spare would do (both write the same bytes).
+
+    Returns ``rows_added``, ``tokens_added``, ``rewritten`` (None, or why the whole file was written
+    anew), ``path`` (``"spare-sequence"`` or ``"whole-sequence"``: which copy ran), ``why_whole``
+    (why the spare could not be used; None when it was, or when ``whole_sequence`` asked for it) and
+    ``seconds`` (``state_copy``, ``parse``, ``encode``, ``write``: where the time went).
     """
     # Opened once, for the append: the header the checks read is the one appended to (the file
     # stays locked against other writers until the append is done).
@@ -405,8 +421,30 @@ def extend(llm, path, *, seq_id: int = 0, tokens=None) -> dict:
         if saved_from is not None and saved_from != seq_id:
             raise SessionMismatchError(f"{path} was saved from sequence {saved_from}; extend(seq_id={seq_id}) would store "
                                        f"another sequence's cells in it: pass seq_id={saved_from}, or save anew")
-        state = live_state(llm, seq_id, like=session, tokens=tokens)
+        _check_seq_id(llm, seq_id)
+        why = None
+        if not whole_sequence:
+            seconds = {}
+            tail, why = spare_tail(llm, session, seq_id, tokens, seconds)
+            if tail is not None:
+                state, offsets = tail
+                _check_fits(llm, session, seq_id, live=state)
+                try:
+                    with accelerated():
+                        result = append_session(session, state, rope=model_rope(llm, state), row_offsets=offsets,
+                                                seconds=seconds)
+                    return {**result, "path": "spare-sequence", "why_whole": None, "seconds": seconds}
+                except WholeStateNeeded as e:  # nothing was written: the whole sequence decides
+                    why = str(e)
+        seconds = {}
+        t = time.perf_counter()
+        blob = seq_state_bytes(llm, seq_id)
+        seconds["state_copy"] = time.perf_counter() - t
+        t = time.perf_counter()
+        state = live_state(llm, seq_id, like=session, tokens=tokens, blob=blob)
+        seconds["parse"] = time.perf_counter() - t
         _check_fits(llm, session, seq_id, live=state)  # the copy of the sequence is taken once
         with accelerated():
             # appends keep each track's stored codec; the rotary parameters serve a rewrite
-            return append_session(session, state, rope=model_rope(llm, state))
+            result = append_session(session, state, rope=model_rope(llm, state), seconds=seconds)
+        return {**result, "path": "whole-sequence", "why_whole": why, "seconds": seconds}

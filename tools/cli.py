@@ -398,7 +398,7 @@ def bench_store(tokens_list, stores, repeat, codec):
 @click.option("--repeat", type=click.IntRange(1, 100), default=3, show_default=True, help="Appends per snapshot.")
 @friendly_errors
 def bench_extend(small, large, added, repeat):
-    """Append 64 tokens to a 2k- vs a 32k-token snapshot (SmolLM2)."""
+    """Append 64 tokens to a 2k- vs a 32k-token snapshot, through the spare vs the whole sequence (SmolLM2)."""
     from .measure.bench_runtime import bench_extend as run
 
     click.echo(run(small=small, large=large, added=added, repeat=repeat))
