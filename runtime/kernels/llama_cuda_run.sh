@@ -49,6 +49,7 @@ stamp "builds done: llama rc=$build_rc kernels rc=$krc"
 [ "$build_rc" -eq 0 ] || { tail -20 "$OUT/llama_build.log"; exit 1; }
 [ "$krc" -eq 0 ] || { tail -20 "$OUT/kernels_build.log"; exit 1; }
 cp -a "$BUILD"/bin/lib*.so* "$root/.gpu/pylib/llama_cpp/lib/"
+[ -z "${ONLY_BUILD:-}" ] || { stamp "ONLY_BUILD: done"; exit 0; }
 
 pp="$(mktemp -d)"
 ln -s "$root/runtime" "$pp/deltakv_runtime"
@@ -69,7 +70,12 @@ for t in ${TOKENS//,/ }; do
   for m in ${MODELS:-kv8b-shape smollm2-shape gemma3-shape}; do
     timeout "${BENCH_TIMEOUT:-300}" python3 -X faulthandler -m deltakv_tools.measure.bench_gpu_llama --model $models/$m.gguf --tokens $t \
       --repeat "${REPEAT:-3}" --out "$OUT/gpu_llama_${m}_$t.md" > "$OUT/bench_${m}_$t.log" 2>&1
-    echo "rc=$?"; grep -v "^llama_\|^load\|^print_info\|^init\|^\.\|^graph\|^sched\|^llm_\|^set_" "$OUT/bench_${m}_$t.log" | tail -25
+    rc=$?; echo "rc=$rc"
+    if [ "$rc" -eq 139 ]; then  # a crash: once more with deltakv's kernels off (its CPU codecs, llama.cpp on the GPU)
+      DELTAKV_GPU=0 timeout "${BENCH_TIMEOUT:-300}" python3 -X faulthandler -m deltakv_tools.measure.bench_gpu_llama --model $models/$m.gguf \
+        --tokens $t --repeat "${REPEAT:-3}" --out "$OUT/gpu_llama_${m}_${t}_cpu_codecs.md" >> "$OUT/bench_${m}_$t.log" 2>&1; echo "rc (DELTAKV_GPU=0) $?"
+    fi
+    grep -v "^llama_\|^load\|^print_info\|^init\|^\.\|^graph\|^sched\|^llm_\|^set_" "$OUT/bench_${m}_$t.log" | tail -25
     stamp "$m $t done"
   done
 done

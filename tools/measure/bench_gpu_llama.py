@@ -22,6 +22,7 @@ import ctypes
 import datetime
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +91,10 @@ def _best(fn, repeat: int, before=None) -> float:
     return out
 
 
+def _step(msg: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codecs: list[str], tmp: Path) -> dict:
     from llama_cpp import Llama
 
@@ -98,10 +103,12 @@ def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codec
     lc = _llama_cpp()
     n_ctx = tokens + 256
     kw = dict(n_gpu_layers=-1, n_ctx=n_ctx, n_batch=2048, n_ubatch=512, flash_attn=flash_attn, verbose=False)
-    llm = Llama(model, **kw)
+    _step(f"{Path(model).name}: contexts of {n_ctx} cells")
+    llm = rt.add_spare_sequence(Llama(model, **kw))  # a spare sequence: extend copies only the new cells
     fresh = Llama(model, **kw)
     row = {"model": Path(model).name, "tokens": tokens}
     toks = _prompt(llm, tokens, seed=tokens)
+    _step(f"evaluate {tokens} tokens")
     t = time.perf_counter()
     llm.eval(toks)
     row["re-evaluate s"] = time.perf_counter() - t
@@ -112,6 +119,7 @@ def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codec
     arr = (lc.llama_token * len(toks))(*toks)
     row["native save s"] = _best(lambda: lc.llama_state_seq_save_file(llm.ctx, str(ggsq).encode(), 0, arr, len(toks)), repeat)
     paths = {}
+    _step("saves")
     for codec in codecs:
         paths[codec] = tmp / f"s{tokens}.{codec}.dkv"
         row[f"{codec} save s"] = _best(lambda c=codec: rt.save(llm, paths[c], codec=c), repeat)
@@ -132,6 +140,7 @@ def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codec
         fresh.input_ids[: n_out.value] = np.ctypeslib.as_array(buf)[: n_out.value]
         fresh.n_tokens = n_out.value
 
+    _step("loads")
     row["native load s"] = _best(native_load, repeat, clear)
     ref_logits, ref_tokens = continuation(fresh)
     for codec in codecs:
@@ -144,6 +153,7 @@ def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codec
         clear()
 
     # extend: 64 more tokens evaluated on the live context, appended, resumed
+    _step("extend")
     more = _prompt(llm, 64, seed=tokens + 1)
     llm.eval(more)
     ggsq2 = tmp / f"s{tokens}+64.ggsq"
@@ -165,6 +175,7 @@ def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codec
         row[f"{codec} extended logits equal"] = bool(np.array_equal(logits, ref_logits))
         row[f"{codec} extended tokens equal"] = sum(1 for _ in iter_prefix(out, ref_tokens))
 
+    _step("ON_DEVICE probe")
     row.update(probe_on_device(llm, repeat))
     llm.close()
     fresh.close()
@@ -248,10 +259,14 @@ def main(argv=None) -> None:
 
     codecs = args.codec or ["raw", DEFAULT_CODEC]
     tmp = Path(tempfile.mkdtemp(prefix="deltakv-gpu-llama-"))
+    _step("import llama_cpp")
     lc = _llama_cpp()
+    _step(f"llama.cpp GPU offload {bool(lc.llama_supports_gpu_offload())}; deltakv kernels")
+    kernels = gpu.is_available()
+    _step(f"deltakv kernels on the GPU: {kernels}")
     header = [f"bench_gpu_llama, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
               f"{os.cpu_count()} CPUs; llama.cpp GPU offload: {bool(lc.llama_supports_gpu_offload())}; "
-              f"deltakv kernels on the GPU: {gpu.is_available()}; flash_attn {not args.no_flash_attn}", ""]
+              f"deltakv kernels on the GPU: {kernels}; flash_attn {not args.no_flash_attn}", ""]
     rows = []
     for model in args.model:
         for n in (int(x) for x in args.tokens.split(",")):
