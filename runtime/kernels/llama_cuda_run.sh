@@ -38,7 +38,8 @@ if [ ! -f "$BUILD/bin/libllama.so" ]; then
   cmake -S "$root/.gpu/llama.cpp" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF \
-    -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_CUDA_NCCL=OFF > "$OUT/llama_cmake.log" 2>&1 \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_CUDA_NCCL=OFF ${LLAMA_CMAKE_EXTRA:-} \
+    > "$OUT/llama_cmake.log" 2>&1 \
     || { tail -30 "$OUT/llama_cmake.log"; stamp "cmake failed"; exit 1; }
 fi
 timeout "${BUILD_TIMEOUT:-500}" ninja -C "$BUILD" -j "$(nproc)" llama > "$OUT/llama_build.log" 2>&1
@@ -64,6 +65,22 @@ python3 -m deltakv_tools.measure.synthetic_gguf write .gpu/skel/smollm2.json.gz 
 python3 -m deltakv_tools.measure.synthetic_gguf write .gpu/skel/smollm2.json.gz $models/smollm2-shape.gguf &
 python3 -m deltakv_tools.measure.synthetic_gguf write .gpu/skel/gemma3.json.gz $models/gemma3-shape.gguf &
 wait
+
+stamp "probe: the first step at which a CUDA context fails (llama.cpp's log kept)"
+probe_model=$models/${PROBE_MODEL:-smollm2-shape}.gguf
+python3 -m deltakv_tools.measure.gpu_llama_probe "$probe_model" 2>&1 | tee "$OUT/probe.log" | grep -v "^llama_\|^load\|^print_info\|^\.\|^llm_" | tail -60
+probe_rc=${PIPESTATUS[0]}
+if [ "$probe_rc" -ne 0 ] && command -v cuda-gdb >/dev/null; then
+  failed=$(grep -m1 -o "^step [a-z-]*: rc [1-9-]" "$OUT/probe.log" | cut -d' ' -f2 | tr -d :)
+  stamp "probe failed at $failed: its backtrace (cuda-gdb)"
+  timeout 300 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 -m deltakv_tools.measure.gpu_llama_probe \
+    "$probe_model" --step "$failed" > "$OUT/probe_gdb.log" 2>&1
+  grep -A40 "signal\|SIG" "$OUT/probe_gdb.log" | grep -v "^llama_\|^load\|^print_info" | head -60
+  stamp "the same step with GGML_CUDA_NO_PINNED=1"
+  GGML_CUDA_NO_PINNED=1 python3 -m deltakv_tools.measure.gpu_llama_probe "$probe_model" --step "$failed" > "$OUT/probe_nopinned.log" 2>&1
+  echo "rc=$?"; tail -5 "$OUT/probe_nopinned.log"
+fi
+[ "$probe_rc" -eq 0 ] || [ -n "${BENCH_AFTER_FAILED_PROBE:-}" ] || { stamp "probe failed: no bench"; exit 1; }
 
 stamp "bench (tokens $TOKENS)"
 for t in ${TOKENS//,/ }; do

@@ -102,7 +102,9 @@ def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codec
 
     lc = _llama_cpp()
     n_ctx = tokens + 256
-    kw = dict(n_gpu_layers=-1, n_ctx=n_ctx, n_batch=2048, n_ubatch=512, flash_attn=flash_attn, verbose=False)
+    kw = dict(n_gpu_layers=-1, n_ctx=n_ctx, n_batch=2048, n_ubatch=512, flash_attn=flash_attn,
+              # verbose=False sends llama.cpp's stderr (and a crash's report) to /dev/null while contexts are made
+              verbose=os.environ.get("DELTAKV_LLAMA_VERBOSE") == "1")
     _step(f"{Path(model).name}: contexts of {n_ctx} cells")
     llm = rt.add_spare_sequence(Llama(model, **kw))  # a spare sequence: extend copies only the new cells
     fresh = Llama(model, **kw)
