@@ -105,6 +105,7 @@ def _compile_command(backend: str, output: Path, archs, shared: bool) -> list[st
         last = (archs or CUDA_ARCHS)[-1]
         cmd += ["-gencode", f"arch=compute_{last},code=compute_{last}"]  # PTX for newer GPUs
         cmd += ["-Xcompiler", "-fPIC", "-shared"] if shared else ["-c"]
+        cmd += os.environ.get("DELTAKV_NVCC_EXTRA", "").split()  # e.g. "-cudart shared", for a variant build
     elif backend == "hip":
         cmd = [shutil.which("hipcc") or "hipcc", *HIPCC_FLAGS]
         cmd += [f"--offload-arch={a}" for a in archs or HIP_ARCHS]

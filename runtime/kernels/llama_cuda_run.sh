@@ -73,12 +73,22 @@ probe_rc=${PIPESTATUS[0]}
 if [ "$probe_rc" -ne 0 ] && command -v cuda-gdb >/dev/null; then
   failed=$(grep -m1 -o "^step [a-z-]*: rc [1-9-]" "$OUT/probe.log" | cut -d' ' -f2 | tr -d :)
   stamp "probe failed at $failed: its backtrace (cuda-gdb)"
-  timeout 300 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 -m deltakv_tools.measure.gpu_llama_probe \
+  timeout "${GDB_TIMEOUT:-90}" cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 -m deltakv_tools.measure.gpu_llama_probe \
     "$probe_model" --step "$failed" > "$OUT/probe_gdb.log" 2>&1
   grep -A40 "signal\|SIG" "$OUT/probe_gdb.log" | grep -v "^llama_\|^load\|^print_info" | head -60
-  stamp "the same step with GGML_CUDA_NO_PINNED=1"
-  GGML_CUDA_NO_PINNED=1 python3 -m deltakv_tools.measure.gpu_llama_probe "$probe_model" --step "$failed" > "$OUT/probe_nopinned.log" 2>&1
-  echo "rc=$?"; tail -5 "$OUT/probe_nopinned.log"
+fi
+if grep -q "^step kernels-first: rc [1-9-]" "$OUT/probe.log"; then
+  # deltakv's kernels loaded before the context broke it: try the kernels linked to the shared CUDA runtime
+  # (nvcc links cudart statically by default, so the process held two CUDA runtimes)
+  stamp "kernels-first failed: the kernels again with -cudart shared"
+  DELTAKV_NVCC_EXTRA="-cudart shared" "$here/build.sh" cuda $ARCHS > "$OUT/kernels_build_shared.log" 2>&1 || tail -5 "$OUT/kernels_build_shared.log"
+  shared_ok=1
+  for s in kernels-first kernels-after; do
+    python3 -X faulthandler -m deltakv_tools.measure.gpu_llama_probe "$probe_model" --step $s > "$OUT/probe_shared_$s.log" 2>&1
+    rc=$?; echo "step $s (-cudart shared): rc $rc"; [ "$rc" -eq 0 ] || { grep -v "^llama_\|^load\|^print_info\|^\.\|^llm_" "$OUT/probe_shared_$s.log" | tail -15; shared_ok=0; }
+  done
+  others_failed=$(grep "^step" "$OUT/probe.log" | grep -v "kernels-first\|kernels-after" | grep -c "rc [1-9-]")
+  [ "$shared_ok" -eq 1 ] && [ "$others_failed" -eq 0 ] && probe_rc=0
 fi
 [ "$probe_rc" -eq 0 ] || [ -n "${BENCH_AFTER_FAILED_PROBE:-}" ] || { stamp "probe failed: no bench"; exit 1; }
 

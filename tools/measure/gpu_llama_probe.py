@@ -21,6 +21,10 @@ STEPS = {
     "gpu-layers": dict(n_gpu_layers=-1, n_ctx=512),
     "gpu-flash": dict(n_gpu_layers=-1, n_ctx=4352, n_batch=2048, n_ubatch=512, flash_attn=True),
     "gpu-spare": dict(n_gpu_layers=-1, n_ctx=4352, n_batch=2048, n_ubatch=512, flash_attn=True),
+    # deltakv's kernels in the same process: what is done before the context is made (see run_step)
+    "cudart-first": dict(n_gpu_layers=-1, n_ctx=4352, n_batch=2048, n_ubatch=512, flash_attn=True),
+    "kernels-first": dict(n_gpu_layers=-1, n_ctx=4352, n_batch=2048, n_ubatch=512, flash_attn=True),
+    "kernels-after": dict(n_gpu_layers=-1, n_ctx=4352, n_batch=2048, n_ubatch=512, flash_attn=True),
 }
 
 
@@ -28,6 +32,14 @@ def run_step(model: str, name: str) -> None:
     from llama_cpp import Llama
 
     kw = STEPS[name]
+    if name == "cudart-first":  # only the CUDA runtime's device count, as the kernels' availability check asks it
+        from deltakv_runtime import gpu
+
+        print(f"probe {name}: cudart device probe says {gpu._probe_cuda_device()}", flush=True)
+    if name == "kernels-first":
+        from deltakv_runtime import gpu
+
+        print(f"probe {name}: kernels available {gpu.is_available()}", flush=True)
     t = time.perf_counter()
     llm = Llama(model, verbose=True, **kw)
     print(f"probe {name}: context made in {time.perf_counter() - t:.2f} s", flush=True)
@@ -36,6 +48,12 @@ def run_step(model: str, name: str) -> None:
 
         rt.add_spare_sequence(llm)
         print(f"probe {name}: spare sequence added", flush=True)
+    if name == "kernels-after":
+        from deltakv_runtime import gpu
+
+        print(f"probe {name}: kernels available {gpu.is_available()}", flush=True)
+        Llama(llm.model_path, verbose=True, **kw)
+        print(f"probe {name}: a second context made after the kernels loaded", flush=True)
     toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 8)
     llm.eval(toks)
     print(f"probe {name}: evaluated {len(toks)} tokens, logit[0] {llm.scores[len(toks) - 1][0]:.4f}", flush=True)
