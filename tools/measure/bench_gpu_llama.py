@@ -255,14 +255,16 @@ def main(argv=None) -> None:
     ap.add_argument("--no-flash-attn", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    # llama_cpp (libllama, libggml-cuda) before deltakv_format's numba/llvmlite: on the H200 image the
+    # other order crashed inside llama_model_load_from_file (init_tokenizer), see gpu_llama_probe's format-first
+    _step("import llama_cpp")
+    lc = _llama_cpp()
     from deltakv_format.constants import DEFAULT_CODEC
 
     from deltakv_runtime import gpu
 
     codecs = args.codec or ["raw", DEFAULT_CODEC]
     tmp = Path(tempfile.mkdtemp(prefix="deltakv-gpu-llama-"))
-    _step("import llama_cpp")
-    lc = _llama_cpp()
     _step(f"llama.cpp GPU offload {bool(lc.llama_supports_gpu_offload())}; deltakv kernels")
     kernels = gpu.is_available()
     _step(f"deltakv kernels on the GPU: {kernels}")

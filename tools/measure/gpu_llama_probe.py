@@ -11,6 +11,7 @@ is made, which also swallows a crash's report: every step here runs with ``verbo
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -24,11 +25,17 @@ STEPS = {
     # deltakv's kernels in the same process: what is done before the context is made (see run_step)
     "cudart-first": dict(n_gpu_layers=-1, n_ctx=4352, n_batch=2048, n_ubatch=512, flash_attn=True),
     "kernels-first": dict(n_gpu_layers=-1, n_ctx=4352, n_batch=2048, n_ubatch=512, flash_attn=True),
+    # deltakv_format (numba, llvmlite, ...) imported before llama_cpp: the order the bench used to have
+    "format-first": dict(n_gpu_layers=-1, n_ctx=4352, n_batch=2048, n_ubatch=512, flash_attn=True),
     "kernels-after": dict(n_gpu_layers=-1, n_ctx=4352, n_batch=2048, n_ubatch=512, flash_attn=True),
 }
 
 
 def run_step(model: str, name: str) -> None:
+    if name == "format-first":
+        import deltakv_format.codecs  # noqa: F401  (before llama_cpp loads libllama)
+
+        print(f"probe {name}: deltakv_format imported, then llama_cpp", flush=True)
     from llama_cpp import Llama
 
     kw = STEPS[name]
@@ -68,7 +75,8 @@ def main(argv=None) -> int:
         run_step(args.model, args.step)
         return 0
     worst = 0
-    for name in STEPS:
+    only = os.environ.get("PROBE_STEPS")
+    for name in only.split(",") if only else STEPS:
         cmd = [sys.executable, "-X", "faulthandler", "-m", __spec__.name, args.model, "--step", name]
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
