@@ -27,6 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# llama_cpp (libllama, libggml-cuda) first, before numpy and deltakv_format: on the H200 image loading a model
+# crashed in llama.cpp's tokenizer set-up when deltakv_format (numpy, numba) came first (GPU_RESULTS.md);
+# the probe's passing steps all load llama_cpp before anything else.
+import llama_cpp  # noqa: E402,F401  isort: skip
 import numpy as np
 
 CONTINUATION = 16
