@@ -96,7 +96,7 @@ stamp "bench (tokens $TOKENS)"
 for t in ${TOKENS//,/ }; do
   for m in ${MODELS:-kv8b-shape smollm2-shape gemma3-shape}; do
     timeout "${BENCH_TIMEOUT:-300}" python3 -X faulthandler -m deltakv_tools.measure.bench_gpu_llama --model $models/$m.gguf --tokens $t \
-      --repeat "${REPEAT:-3}" --out "$OUT/gpu_llama_${m}_$t.md" > "$OUT/bench_${m}_$t.log" 2>&1
+      --repeat "${REPEAT:-3}" ${BENCH_ARGS:-} --out "$OUT/gpu_llama_${m}_$t.md" > "$OUT/bench_${m}_$t.log" 2>&1
     rc=$?; echo "rc=$rc"
     if [ "$rc" -eq 139 ]; then  # a crash: once more with deltakv's kernels off (its CPU codecs, llama.cpp on the GPU)
       DELTAKV_GPU=0 timeout "${BENCH_TIMEOUT:-300}" python3 -X faulthandler -m deltakv_tools.measure.bench_gpu_llama --model $models/$m.gguf \
