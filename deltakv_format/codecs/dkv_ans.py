@@ -25,10 +25,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from ..errors import CodecError, CorruptError
-from . import ans
+from . import ans, ans_encoder
 
 HEAD_FIXED_BYTES = 12  # u32 n_rows, f32 step, u16 n_classes, u16 zero
 CLASS_BYTES = 2 + 2 * ans.N_SYMBOLS  # u8 shift, u8 zero, u16 freq[32]
@@ -142,7 +143,10 @@ def bins_per_octave(n_coded_values: int) -> int:
 
 def _octaves(q: np.ndarray, bins: int) -> np.ndarray:
     """Class key of each column: its RMS code, in 1/bins of an octave."""
-    spread = np.sqrt(np.mean(q.astype(np.float64) ** 2, axis=0))
+    return _octaves_of_spread(np.sqrt(np.mean(q.astype(np.float64) ** 2, axis=0)), bins)
+
+
+def _octaves_of_spread(spread: np.ndarray, bins: int) -> np.ndarray:
     return np.clip(np.rint(bins * np.log2(np.maximum(spread, 2.0 ** -5))), -5 * bins, 14 * bins).astype(np.int64)
 
 
@@ -172,7 +176,8 @@ def _entropy_bits(counts: np.ndarray) -> float:
 
 def _estimate_bits(z: np.ndarray, step: float, bins: int) -> tuple[float, int]:
     """Estimated bits of the codes of ``z`` at ``step`` (entropy per class, raw low bits, escapes), and
-    the number of classes."""
+    the number of classes. The arithmetic that decides: :class:`BitEstimator` computes it faster and
+    falls back on it where its own rounding of log2 could decide otherwise."""
     q = np.rint(z / step)
     octave = _octaves(q, bins)
     keys, counts, escapes, raw_bits = _class_histograms(q.astype(np.int64), octave, bins)
@@ -195,6 +200,29 @@ def normalize_frequencies(counts: np.ndarray) -> np.ndarray:
     return freqs
 
 
+class BitEstimator:
+    """:func:`_estimate_bits` of one set of rows at many steps, by the Numba kernel
+    (``ans_encoder.estimate_bits``, same integers, libm's log2); numpy's arithmetic decides where the
+    kernel's result lies within ``DECISION_MARGIN`` of a decision (a column's class, or ``target``)."""
+
+    def __init__(self, rows: np.ndarray, bins: int, target: float):
+        self.rows = np.ascontiguousarray(rows, np.float64)
+        self.bins = bins
+        self.target = target
+        self.codes = np.empty(self.rows.shape, np.int64)
+        self.column_counts = np.empty((self.rows.shape[1], ans.N_SYMBOLS), np.int64)
+        self.fallbacks = 0  # steps numpy decided (for the tests)
+
+    def above_target(self, step: float) -> bool:
+        """Whether the rows' estimated bits at ``step`` exceed the target."""
+        bits, _, certain = ans_encoder.estimate_bits(self.rows, step, self.bins, SHIFT_OFFSET, self.codes,
+                                                     self.column_counts)
+        if not certain or abs(bits - self.target) <= ans_encoder.DECISION_MARGIN * max(abs(bits), abs(self.target), 1.0):
+            self.fallbacks += 1
+            bits, _ = _estimate_bits(self.rows, step, self.bins)
+        return bits > self.target
+
+
 def choose_step(z: np.ndarray, bits_per_value: float, bins: int = CLASS_BINS_PER_OCTAVE) -> float:
     """Bisection on log(step) so that the coded rows' estimated bits per value meet the budget."""
     rows = z if z.shape[0] <= SEARCH_ROWS else z[np.linspace(0, z.shape[0] - 1, SEARCH_ROWS).astype(np.int64)]
@@ -205,10 +233,10 @@ def choose_step(z: np.ndarray, bits_per_value: float, bins: int = CLASS_BINS_PER
         return max(floor, 1.0) if peak == 0.0 else max(floor, peak)
     lo, hi = np.log(max(sd / 65536, floor)), np.log(max(sd * 64, floor))
     target = bits_per_value * rows.size
+    estimator = BitEstimator(rows, bins, target)
     for _ in range(22):
         mid = 0.5 * (lo + hi)
-        bits, _ = _estimate_bits(rows, float(np.exp(mid)), bins)
-        if bits > target:
+        if estimator.above_target(float(np.exp(mid))):
             lo = mid
         else:
             hi = mid
@@ -231,22 +259,27 @@ def encode_segment(values: np.ndarray, table: np.ndarray, *, bits_per_value: flo
     step = np.float32(choose_step(z, budget, bins))
     # the decoder computes f32(q) * step + mean: the codes are chosen for that step, from f64 values
     q = ans.quantize(z, float(step))
-    if np.abs(q).max(initial=0) >= 1 << 15:
-        raise CodecError(f"codes up to {int(np.abs(q).max())} at step {float(step)!r}: beyond 16 bits")
-    octave = _octaves(q, bins)
-    keys, counts, _, _ = _class_histograms(q.astype(np.int64), octave, bins)
-    classes = np.searchsorted(keys, octave).astype(np.uint8)
+    square, peak = ans_encoder.code_square_sums(q)
+    if peak >= 1 << 15:
+        raise CodecError(f"codes up to {peak} at step {float(step)!r}: beyond 16 bits")
+    octave = _octaves_of_spread(np.sqrt(square / n), bins)  # = _octaves(q, bins): the sums are numpy's
+    keys, column_class = np.unique(octave, return_inverse=True)
+    counts = ans_encoder.class_counts(q, column_class.astype(np.int64), _shift_of_octave(octave, bins), len(keys),
+                                       numba.get_num_threads())
+    classes = column_class.astype(np.uint8)
     shifts = _shift_of_octave(keys, bins).astype(np.uint8)
-    freqs = np.stack([normalize_frequencies(c) for c in counts]).astype(np.uint16)
+    freqs64 = ans_encoder.frequency_tables(counts)
+    if not (freqs64[counts > 0] >= 1).all():  # cannot happen with 32 symbols (normalize_frequencies)
+        raise CodecError("frequency normalization failed")
+    freqs = freqs64.astype(np.uint16)
     cum = np.zeros((len(keys), ans.N_SYMBOLS + 1), np.int64)
-    cum[:, 1:] = np.cumsum(freqs.astype(np.int64), axis=1)
+    cum[:, 1:] = np.cumsum(freqs64, axis=1)
     n_streams = -(-n // stream_rows)
     pieces, lengths = [], []
     batch = max(1, (1 << 22) // max(stream_rows * width * 5, 1))  # bounded scratch: ~8 MiB of words
     for s0 in range(0, n_streams, batch):
         s1 = min(n_streams, s0 + batch)
-        out, lens = ans.encode_streams(q, classes, shifts.astype(np.int64), freqs.astype(np.int64), cum,
-                                       stream_rows, s0, s1)
+        out, lens = ans_encoder.encode_streams(q, classes, shifts.astype(np.int64), freqs64, cum, stream_rows, s0, s1)
         for i in range(s1 - s0):
             pieces.append(out[i, :lens[i]])
         lengths.extend(int(x) for x in lens)

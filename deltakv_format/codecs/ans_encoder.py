@@ -1,0 +1,261 @@
+"""Numba kernels of the ``dkv-ans`` encoder (not normative: SPEC.md 6.5 says what decodes).
+
+They compute what the numpy arithmetic of ``dkv_ans`` computes, to the bit, so a segment's bytes do
+not depend on which of the two ran (``tests/test_dkv_ans_encoder.py`` compares them with the numpy
+encoder they replaced):
+
+- integer work (codes, histograms, frequency tables, the rANS words) is exact in any order;
+- float sums run in numpy's order for an axis-0 reduction (rows in order, per column); sums of
+  squared integer codes are exact anyway (below 2^53 for any segment under 2^23 rows);
+- numpy's ``log2`` (its own SIMD loops) and libm's, which these kernels call, may differ in the
+  last bit. Only a decision taken on such a value can differ: a column's class (``rint`` of
+  ``bins * log2(spread)``) or the step search's comparison of estimated bits with the budget. The
+  kernels report when a value lies within ``DECISION_MARGIN`` of such a decision, and the caller
+  then takes numpy's answer (``dkv_ans._estimate_bits``): about 1e-13 of error against a margin of
+  1e-9, so the shortcut never decides what numpy would decide otherwise.
+
+Numba's cache keys each kernel on this file only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .ans import DIRECT_MAX, ESCAPE, MAX_SHIFT, N_SYMBOLS, PROB_BITS, PROB_SCALE, RANS_LOW
+
+_JIT = dict(cache=True, error_model="numpy", nogil=True)
+
+DECISION_MARGIN = 1e-9
+"""How close (relative for bits, absolute for octave keys' halves) a value may come to a decision
+before numpy, not libm, decides it."""
+
+MIN_OCTAVE, MAX_OCTAVE = -5, 14  # dkv_ans._octaves clips a column's key to [-5, 14] octaves
+SMALLEST_SPREAD = 2.0 ** -5
+
+
+@njit(inline="always", cache=True)
+def _octave_key(square_sum, n_rows, bins):
+    """(class key, certain) of a column whose codes' squares add up to ``square_sum``:
+    clip(rint(bins * log2(max(sqrt(square_sum / n_rows), 2^-5))), -5 bins, 14 bins)."""
+    spread = np.sqrt(square_sum / n_rows)
+    t = bins * np.log2(max(spread, SMALLEST_SPREAD))
+    certain = abs((t - np.floor(t)) - 0.5) >= DECISION_MARGIN
+    key = min(max(np.rint(t), MIN_OCTAVE * bins), MAX_OCTAVE * bins)
+    return np.int64(key), certain
+
+
+@njit(inline="always", cache=True)
+def _shift_of_key(key, bins, shift_offset):
+    """dkv_ans._shift_of_octave: clip(floor(key / bins) - shift_offset, 0, MAX_SHIFT)."""
+    return min(max(key // bins - shift_offset, 0), MAX_SHIFT)
+
+
+@njit(inline="always", cache=True)
+def _symbol(high):
+    return high + DIRECT_MAX if -DIRECT_MAX <= high <= DIRECT_MAX else ESCAPE
+
+
+@njit(**_JIT)
+def estimate_bits(z, step, bins, shift_offset, q, column_counts):
+    """dkv_ans._estimate_bits of rows ``z`` at ``step``: (estimated bits, classes, certain).
+
+    ``q`` (int64, z's shape) and ``column_counts`` (int64, (columns, N_SYMBOLS)) are scratch.
+    ``certain`` is False where a column's key or the returned bits may depend on how log2 rounds:
+    the caller then asks numpy (see the module's docstring; the bits' margin is the caller's, who
+    knows the budget)."""
+    n, width = z.shape
+    square = np.zeros(width)
+    for r in range(n):
+        for c in range(width):
+            v = np.rint(z[r, c] / step)
+            q[r, c] = np.int64(v)
+            square[c] += v * v
+    certain = True
+    n_keys = (MAX_OCTAVE - MIN_OCTAVE) * bins + 1
+    class_of_key = np.full(n_keys, -1, np.int64)
+    keys = np.empty(width, np.int64)
+    shifts = np.empty(width, np.int64)
+    raw_bits = 0
+    for c in range(width):
+        key, sure = _octave_key(square[c], n, bins)
+        certain = certain and sure
+        keys[c] = key
+        class_of_key[key - MIN_OCTAVE * bins] = 0
+        shifts[c] = _shift_of_key(key, bins, shift_offset)
+        raw_bits += shifts[c]
+    n_classes = 0
+    for k in range(n_keys):  # classes in key order, as numpy's unique gives them
+        if class_of_key[k] >= 0:
+            class_of_key[k] = n_classes
+            n_classes += 1
+    column_counts[:, :] = 0
+    for r in range(n):
+        for c in range(width):
+            column_counts[c, _symbol(q[r, c] >> shifts[c])] += 1
+    counts = np.zeros((n_classes, N_SYMBOLS), np.int64)
+    for c in range(width):
+        j = class_of_key[keys[c] - MIN_OCTAVE * bins]
+        for s in range(N_SYMBOLS):
+            counts[j, s] += column_counts[c, s]
+    entropy = 0.0
+    escapes = 0
+    for j in range(n_classes):
+        total = 0
+        for s in range(N_SYMBOLS):
+            total += counts[j, s]
+        escapes += counts[j, ESCAPE]
+        for s in range(N_SYMBOLS):
+            if counts[j, s] > 0:
+                entropy += counts[j, s] * np.log2(counts[j, s] / max(total, 1))
+    bits = -entropy + np.float64(raw_bits * n) + np.float64(16 * escapes)
+    return bits, n_classes, certain
+
+
+@njit(**_JIT)
+def code_square_sums(q):
+    """Per column, the sum of the squared codes in row order (f64, as numpy's mean of ``q ** 2``
+    over axis 0 adds them), and the largest |code|."""
+    n, width = q.shape
+    square = np.zeros(width)
+    peak = 0
+    for r in range(n):
+        for c in range(width):
+            v = np.float64(q[r, c])
+            square[c] += v * v
+            peak = max(peak, abs(np.int64(q[r, c])))
+    return square, peak
+
+
+@njit(parallel=True, **_JIT)
+def class_counts(q, column_class, shift, n_classes, n_threads):
+    """Per class, how often each symbol occurs in codes ``q`` (int64 (n_classes, N_SYMBOLS)): the
+    class of a column is ``column_class``, its symbol that of ``q >> shift`` (escape beyond +-15);
+    the rows are counted in ``n_threads`` blocks."""
+    n, width = q.shape
+    n_blocks = max(1, min(n_threads, n // 64))
+    per_block = np.zeros((n_blocks, width, N_SYMBOLS), np.int64)
+    for b in prange(n_blocks):
+        for r in range(b * n // n_blocks, (b + 1) * n // n_blocks):
+            for c in range(width):
+                per_block[b, c, _symbol(np.int64(q[r, c]) >> shift[c])] += 1
+    counts = np.zeros((n_classes, N_SYMBOLS), np.int64)
+    for b in range(n_blocks):
+        for c in range(width):
+            for s in range(N_SYMBOLS):
+                counts[column_class[c], s] += per_block[b, c, s]
+    return counts
+
+
+@njit(**_JIT)
+def frequency_tables(counts):
+    """dkv_ans.normalize_frequencies of every class's counts: frequencies adding up to PROB_SCALE,
+    every used symbol at least 1 (int64 (classes, N_SYMBOLS)). A table whose most frequent symbol
+    would fall below 1 (impossible with 32 symbols) is returned as it is; the caller checks."""
+    n_classes = counts.shape[0]
+    freqs = np.zeros((n_classes, N_SYMBOLS), np.int64)
+    for j in range(n_classes):
+        total = 0
+        top = 0
+        for s in range(N_SYMBOLS):
+            total += counts[j, s]
+            if counts[j, s] > counts[j, top]:
+                top = s  # the first of the largest, as numpy's argmax
+        if total == 0:
+            freqs[j, DIRECT_MAX] = PROB_SCALE
+            continue
+        used = 0
+        for s in range(N_SYMBOLS):
+            if counts[j, s] > 0:
+                freqs[j, s] = max(1, (counts[j, s] * PROB_SCALE) // total)
+                used += freqs[j, s]
+        freqs[j, top] += PROB_SCALE - used
+    return freqs
+
+
+# ---- the rANS coder ------------------------------------------------------------------------------
+
+
+@njit(inline="always", cache=True)
+def _put_uniform(x, bits, start, buf, n):
+    """Encode a symbol of frequency 2^(PROB_BITS - bits) (a uniform ``bits``-bit value) at ``start``:
+    division by a power of two is a shift."""
+    lg = PROB_BITS - bits
+    if x >= (RANS_LOW >> PROB_BITS) << (16 + lg):
+        buf[n] = np.uint16(x & 0xFFFF)
+        n += 1
+        x = x >> 16
+    return ((x >> lg) << PROB_BITS) + (x & ((1 << lg) - 1)) + start, n
+
+
+@njit(inline="always", cache=True)
+def _put(x, f, inv_f, start, buf, n):
+    """Encode a symbol of frequency ``f`` (1..PROB_SCALE; ``inv_f`` = 1 / f in f64) at ``start``.
+
+    x // f through the reciprocal: x < 2^32, so x * inv_f is within 2^-20 of x / f, whose fraction is
+    a multiple of 1 / f >= 2^-12: the estimate can only fall one short, on an exact quotient."""
+    if x >= ((RANS_LOW >> PROB_BITS) << 16) * f:
+        buf[n] = np.uint16(x & 0xFFFF)
+        n += 1
+        x = x >> 16
+    quotient = np.int64(x * inv_f)
+    rest = x - quotient * f
+    if rest >= f:
+        quotient += 1
+        rest -= f
+    return (quotient << PROB_BITS) + rest + start, n
+
+
+@njit(parallel=True, **_JIT)
+def encode_streams(q, classes, shifts, freqs, cum, stream_rows, s0, s1):
+    """rANS-code streams [s0, s1) of integer codes ``q`` (rows, width): (words per stream
+    (s1 - s0, capacity), their lengths); each stream's words in decoding order.
+
+    The words of ``ans.encode_streams`` (which lists every symbol, then codes the list backwards):
+    here the values are visited backwards, each value's symbols last to first, so no list is kept."""
+    n_rows, width = q.shape
+    capacity = stream_rows * width * 5 + 2
+    n_classes = freqs.shape[0]
+    inverse = np.empty((n_classes, N_SYMBOLS))
+    for j in range(n_classes):
+        for s in range(N_SYMBOLS):
+            inverse[j, s] = 1.0 / max(freqs[j, s], 1)
+    column_shift = np.empty(width, np.int64)
+    for c in range(width):
+        column_shift[c] = shifts[classes[c]]
+    lengths = np.zeros(s1 - s0, np.int64)
+    out = np.empty((s1 - s0, capacity), np.uint16)
+    for si in prange(s1 - s0):
+        s = s0 + si
+        r0 = s * stream_rows
+        r1 = min(r0 + stream_rows, n_rows)
+        buf = np.empty(capacity, np.uint16)
+        n = 0
+        x = np.int64(RANS_LOW)
+        for r in range(r1 - 1, r0 - 1, -1):
+            for c in range(width - 1, -1, -1):
+                j = classes[c]
+                k = column_shift[c]
+                value = np.int64(q[r, c])
+                high = value >> k
+                low = value - (high << k)
+                if k > 8:
+                    x, n = _put_uniform(x, k - 8, (low >> 8) << (PROB_BITS - (k - 8)), buf, n)
+                if k > 0:
+                    k1 = min(k, 8)
+                    x, n = _put_uniform(x, k1, (low & ((1 << k1) - 1)) << (PROB_BITS - k1), buf, n)
+                if -DIRECT_MAX <= high <= DIRECT_MAX:
+                    sym = high + DIRECT_MAX
+                    x, n = _put(x, freqs[j, sym], inverse[j, sym], cum[j, sym], buf, n)
+                else:
+                    u = high & 0xFFFF
+                    x, n = _put_uniform(x, 8, (u >> 8) << (PROB_BITS - 8), buf, n)
+                    x, n = _put_uniform(x, 8, (u & 0xFF) << (PROB_BITS - 8), buf, n)
+                    x, n = _put(x, freqs[j, ESCAPE], inverse[j, ESCAPE], cum[j, ESCAPE], buf, n)
+        buf[n] = np.uint16(x >> 16)
+        buf[n + 1] = np.uint16(x & 0xFFFF)
+        n += 2
+        lengths[si] = n
+        for i in range(n):
+            out[si, i] = buf[n - 1 - i]
+    return out, lengths
