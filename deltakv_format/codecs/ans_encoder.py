@@ -7,12 +7,12 @@ encoder they replaced):
 - integer work (codes, histograms, frequency tables, the rANS words) is exact in any order;
 - float sums run in numpy's order for an axis-0 reduction (rows in order, per column); sums of
   squared integer codes are exact anyway (below 2^53 for any segment under 2^23 rows);
-- numpy's ``log2`` (its own SIMD loops) and libm's, which these kernels call, may differ in the
-  last bit. Only a decision taken on such a value can differ: a column's class (``rint`` of
-  ``bins * log2(spread)``) or the step search's comparison of estimated bits with the budget. The
-  kernels report when a value lies within ``DECISION_MARGIN`` of such a decision, and the caller
-  then takes numpy's answer (``dkv_ans._estimate_bits``): about 1e-13 of error against a margin of
-  1e-9, so the shortcut never decides what numpy would decide otherwise.
+- numpy's ``log2`` (its own SIMD loops) and libm's may differ in the last bit. A column's class
+  (``rint`` of ``bins * log2(spread)``) is therefore left to numpy (a spread is often sqrt of a
+  power of two, whose key lies within a rounding of a half); the entropy estimate's log2 is libm's,
+  and where the estimate lies within ``DECISION_MARGIN`` of the step search's budget, the caller
+  takes numpy's (``dkv_ans._estimate_bits``): about 1e-13 of error against a margin of 1e-9, so the
+  shortcut never decides what numpy would decide otherwise.
 
 Numba's cache keys each kernel on this file only.
 """
@@ -27,22 +27,9 @@ from .ans import DIRECT_MAX, ESCAPE, MAX_SHIFT, N_SYMBOLS, PROB_BITS, PROB_SCALE
 _JIT = dict(cache=True, error_model="numpy", nogil=True)
 
 DECISION_MARGIN = 1e-9
-"""How close (relative for bits, absolute for octave keys' halves) a value may come to a decision
-before numpy, not libm, decides it."""
+"""How close (relative) an estimate of bits may come to the budget before numpy's decides."""
 
 MIN_OCTAVE, MAX_OCTAVE = -5, 14  # dkv_ans._octaves clips a column's key to [-5, 14] octaves
-SMALLEST_SPREAD = 2.0 ** -5
-
-
-@njit(inline="always", cache=True)
-def _octave_key(square_sum, n_rows, bins):
-    """(class key, certain) of a column whose codes' squares add up to ``square_sum``:
-    clip(rint(bins * log2(max(sqrt(square_sum / n_rows), 2^-5))), -5 bins, 14 bins)."""
-    spread = np.sqrt(square_sum / n_rows)
-    t = bins * np.log2(max(spread, SMALLEST_SPREAD))
-    certain = abs((t - np.floor(t)) - 0.5) >= DECISION_MARGIN
-    key = min(max(np.rint(t), MIN_OCTAVE * bins), MAX_OCTAVE * bins)
-    return np.int64(key), certain
 
 
 @njit(inline="always", cache=True)
@@ -57,13 +44,9 @@ def _symbol(high):
 
 
 @njit(**_JIT)
-def estimate_bits(z, step, bins, shift_offset, q, column_counts):
-    """dkv_ans._estimate_bits of rows ``z`` at ``step``: (estimated bits, classes, certain).
-
-    ``q`` (int64, z's shape) and ``column_counts`` (int64, (columns, N_SYMBOLS)) are scratch.
-    ``certain`` is False where a column's key or the returned bits may depend on how log2 rounds:
-    the caller then asks numpy (see the module's docstring; the bits' margin is the caller's, who
-    knows the budget)."""
+def search_codes(z, step, q):
+    """The codes rint(z / step) of the step search into ``q`` (int64, z's shape); returns per column
+    the sum of their squares in row order (numpy's sum of ``q ** 2`` over axis 0)."""
     n, width = z.shape
     square = np.zeros(width)
     for r in range(n):
@@ -71,18 +54,24 @@ def estimate_bits(z, step, bins, shift_offset, q, column_counts):
             v = np.rint(z[r, c] / step)
             q[r, c] = np.int64(v)
             square[c] += v * v
-    certain = True
+    return square
+
+
+@njit(**_JIT)
+def estimate_bits(q, keys, bins, shift_offset, column_counts):
+    """dkv_ans._estimate_bits of codes ``q`` whose columns have class keys ``keys`` (numpy's
+    ``_octaves``, which the caller computes: its log2 is numpy's): (estimated bits, classes).
+
+    ``column_counts`` (int64, (columns, N_SYMBOLS)) is scratch. The bits are numpy's but for the
+    rounding of log2 and of the sum's order (see the module's docstring)."""
+    n, width = q.shape
     n_keys = (MAX_OCTAVE - MIN_OCTAVE) * bins + 1
     class_of_key = np.full(n_keys, -1, np.int64)
-    keys = np.empty(width, np.int64)
     shifts = np.empty(width, np.int64)
     raw_bits = 0
     for c in range(width):
-        key, sure = _octave_key(square[c], n, bins)
-        certain = certain and sure
-        keys[c] = key
-        class_of_key[key - MIN_OCTAVE * bins] = 0
-        shifts[c] = _shift_of_key(key, bins, shift_offset)
+        class_of_key[keys[c] - MIN_OCTAVE * bins] = 0
+        shifts[c] = _shift_of_key(keys[c], bins, shift_offset)
         raw_bits += shifts[c]
     n_classes = 0
     for k in range(n_keys):  # classes in key order, as numpy's unique gives them
@@ -109,7 +98,7 @@ def estimate_bits(z, step, bins, shift_offset, q, column_counts):
             if counts[j, s] > 0:
                 entropy += counts[j, s] * np.log2(counts[j, s] / max(total, 1))
     bits = -entropy + np.float64(raw_bits * n) + np.float64(16 * escapes)
-    return bits, n_classes, certain
+    return bits, n_classes
 
 
 @njit(**_JIT)
@@ -209,10 +198,12 @@ def _put(x, f, inv_f, start, buf, n):
 @njit(parallel=True, **_JIT)
 def encode_streams(q, classes, shifts, freqs, cum, stream_rows, s0, s1):
     """rANS-code streams [s0, s1) of integer codes ``q`` (rows, width): (words per stream
-    (s1 - s0, capacity), their lengths); each stream's words in decoding order.
+    (s1 - s0, capacity), their lengths); stream i's words, in decoding order, are the last
+    ``lengths[i]`` of row i.
 
     The words of ``ans.encode_streams`` (which lists every symbol, then codes the list backwards):
-    here the values are visited backwards, each value's symbols last to first, so no list is kept."""
+    here the values are visited backwards, each value's symbols last to first, and the words are
+    written from the row's end towards its start, so neither a list nor a reversal is needed."""
     n_rows, width = q.shape
     capacity = stream_rows * width * 5 + 2
     n_classes = freqs.shape[0]
@@ -229,7 +220,7 @@ def encode_streams(q, classes, shifts, freqs, cum, stream_rows, s0, s1):
         s = s0 + si
         r0 = s * stream_rows
         r1 = min(r0 + stream_rows, n_rows)
-        buf = np.empty(capacity, np.uint16)
+        buf = out[si, ::-1]  # the words as they are emitted: the last one decoded comes first
         n = 0
         x = np.int64(RANS_LOW)
         for r in range(r1 - 1, r0 - 1, -1):
@@ -254,8 +245,5 @@ def encode_streams(q, classes, shifts, freqs, cum, stream_rows, s0, s1):
                     x, n = _put(x, freqs[j, ESCAPE], inverse[j, ESCAPE], cum[j, ESCAPE], buf, n)
         buf[n] = np.uint16(x >> 16)
         buf[n + 1] = np.uint16(x & 0xFFFF)
-        n += 2
-        lengths[si] = n
-        for i in range(n):
-            out[si, i] = buf[n - 1 - i]
+        lengths[si] = n + 2
     return out, lengths

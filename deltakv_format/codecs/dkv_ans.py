@@ -201,9 +201,9 @@ def normalize_frequencies(counts: np.ndarray) -> np.ndarray:
 
 
 class BitEstimator:
-    """:func:`_estimate_bits` of one set of rows at many steps, by the Numba kernel
-    (``ans_encoder.estimate_bits``, same integers, libm's log2); numpy's arithmetic decides where the
-    kernel's result lies within ``DECISION_MARGIN`` of a decision (a column's class, or ``target``)."""
+    """:func:`_estimate_bits` of one set of rows at many steps: the codes and histograms by Numba
+    (``ans_encoder``, the same integers), the column classes by numpy; where the estimate (its
+    log2 libm's) lies within ``DECISION_MARGIN`` of ``target``, numpy's estimate decides."""
 
     def __init__(self, rows: np.ndarray, bins: int, target: float):
         self.rows = np.ascontiguousarray(rows, np.float64)
@@ -215,9 +215,10 @@ class BitEstimator:
 
     def above_target(self, step: float) -> bool:
         """Whether the rows' estimated bits at ``step`` exceed the target."""
-        bits, _, certain = ans_encoder.estimate_bits(self.rows, step, self.bins, SHIFT_OFFSET, self.codes,
-                                                     self.column_counts)
-        if not certain or abs(bits - self.target) <= ans_encoder.DECISION_MARGIN * max(abs(bits), abs(self.target), 1.0):
+        square = ans_encoder.search_codes(self.rows, step, self.codes)
+        keys = _octaves_of_spread(np.sqrt(square / self.rows.shape[0]), self.bins)  # = _octaves(codes)
+        bits, _ = ans_encoder.estimate_bits(self.codes, keys, self.bins, SHIFT_OFFSET, self.column_counts)
+        if abs(bits - self.target) <= ans_encoder.DECISION_MARGIN * max(abs(bits), abs(self.target), 1.0):
             self.fallbacks += 1
             bits, _ = _estimate_bits(self.rows, step, self.bins)
         return bits > self.target
@@ -281,7 +282,7 @@ def encode_segment(values: np.ndarray, table: np.ndarray, *, bits_per_value: flo
         s1 = min(n_streams, s0 + batch)
         out, lens = ans_encoder.encode_streams(q, classes, shifts.astype(np.int64), freqs64, cum, stream_rows, s0, s1)
         for i in range(s1 - s0):
-            pieces.append(out[i, :lens[i]])
+            pieces.append(out[i, out.shape[1] - lens[i]:])
         lengths.extend(int(x) for x in lens)
     starts = np.zeros(n_streams, np.uint32)
     if n_streams > 1:

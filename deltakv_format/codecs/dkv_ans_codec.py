@@ -54,6 +54,20 @@ def corrupt_stream(stream: int) -> CorruptError:
     return CorruptError(f"{DECODE_WHERE}: rANS stream {stream} does not decode to its rows (damaged data)")
 
 
+_LAST_ROPE_TABLE: list = [None, None, None]  # positions, thetas, table of the last encode
+
+
+def _encoder_rope_table(positions: np.ndarray, thetas: np.ndarray) -> np.ndarray:
+    """ans.rope_table, kept for the next call: every K layer of a stream has the same cells, and
+    usually the same angles (computing the table costs as much as a fifth of a layer's encode)."""
+    last_positions, last_thetas, table = _LAST_ROPE_TABLE
+    if not (last_positions is not None and np.array_equal(last_positions, positions)
+            and np.array_equal(last_thetas, thetas)):
+        table = ans.rope_table(positions, thetas)
+        _LAST_ROPE_TABLE[:] = [positions.copy(), thetas.copy(), table]
+    return table
+
+
 @register_codec
 class DkvAnsCodec(Codec):
     """Rotary embedding undone, first rows exact, one step per segment, rANS-coded integers."""
@@ -162,7 +176,7 @@ class DkvAnsCodec(Codec):
             return parts
         table = None
         if self.rope:
-            table = ans.rope_table(self._positions(context, n_sink, n, where), self.thetas)
+            table = _encoder_rope_table(self._positions(context, n_sink, n, where), self.thetas)
         values = ans.to_f64(rows[n_sink:], KIND_OF_TYPE[ggml_type])
         side = estimated_side_bits(width, coded, self.stream_rows)
         budget = self.rate / 100 - side / (max(coded, SIDE_ROWS_FLOOR) * width)
