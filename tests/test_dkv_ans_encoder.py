@@ -105,3 +105,14 @@ def test_stream_coder_gives_the_listing_coders_words():
         assert np.array_equal(lens, old_lens)
         for i in range(n_streams):
             assert np.array_equal(out[i, out.shape[1] - lens[i]:], old_out[i, :lens[i]])
+
+
+@pytest.mark.parametrize("mode", [ans.ROPE_NONE, ans.ROPE_NORM, ans.ROPE_NEOX])
+def test_source_bits_give_the_bytes_of_their_f64_values(mode):
+    """The codec hands encode_segment the cache's f16 bits (converted as they are read)."""
+    bits = kv_like(400, 192, seed=11).astype(np.float16).view(np.uint16)
+    table = rope_table(400, 192, 64, 32, seed=4) if mode else np.empty((0, 0, 2), np.float32)
+    kwargs = dict(bits_per_value=4.0, stream_rows=32, head_dim=64 if mode else 0, n_rot=32 if mode else 0, mode=mode)
+    head, words = dkv_ans.encode_segment(bits, table, kind=0, **kwargs)
+    old_head, old_words = numpy_encoder.encode_segment(ans.to_f64(bits, 0), table, **kwargs)
+    assert head.pack() == old_head.pack() and words.tobytes() == old_words.tobytes()

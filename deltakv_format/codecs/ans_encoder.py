@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .ans import DIRECT_MAX, ESCAPE, MAX_SHIFT, N_SYMBOLS, PROB_BITS, PROB_SCALE, RANS_LOW
+from .ans import DIRECT_MAX, ESCAPE, MAX_SHIFT, N_SYMBOLS, PROB_BITS, PROB_SCALE, RANS_LOW, ROPE_NONE, _pair_index
+from .simd import load_row
 
 _JIT = dict(cache=True, error_model="numpy", nogil=True)
 
@@ -30,6 +31,57 @@ DECISION_MARGIN = 1e-9
 """How close (relative) an estimate of bits may come to the budget before numpy's decides."""
 
 MIN_OCTAVE, MAX_OCTAVE = -5, 14  # dkv_ans._octaves clips a column's key to [-5, 14] octaves
+
+
+@njit(parallel=True, **_JIT)
+def values_before_rope(src, kind, table, head_dim, n_rot, mode):
+    """Source element bits -> f64 values before rotary embedding: ``ans.unrotate_rows`` of
+    ``ans.to_f64`` in one pass (the same operations; ``mode`` ROPE_NONE: the values as they are)."""
+    n, width = src.shape
+    out = np.empty((n, width), np.float64)
+    n_heads = width // head_dim if head_dim > 0 else 0
+    for r in prange(n):
+        row = np.empty(width, np.float32)
+        load_row(src[r], 0, row, 0, width, kind)
+        for c in range(width):
+            out[r, c] = row[c]
+        if mode != ROPE_NONE:
+            for h in range(n_heads):
+                for i in range(n_rot // 2):
+                    ia, ib = _pair_index(h, i, head_dim, n_rot, mode)
+                    cs = np.float64(table[r, i, 0])
+                    sn = np.float64(table[r, i, 1])
+                    a = np.float64(row[ia])
+                    b = np.float64(row[ib])
+                    out[r, ia] = a * cs + b * sn
+                    out[r, ib] = b * cs - a * sn
+    return out
+
+
+@njit(**_JIT)
+def column_sums(x):
+    """Per column, the sum of ``x`` in row order: numpy's ``x.sum(0)`` (hence ``x.mean(0)`` times n)."""
+    n, width = x.shape
+    total = np.zeros(width)
+    for r in range(n):
+        for c in range(width):
+            total[c] += x[r, c]
+    return total
+
+
+@njit(parallel=True, **_JIT)
+def subtract_means(x, means):
+    """``x - means`` in place (f64); returns the largest |x - means|."""
+    n, width = x.shape
+    peaks = np.zeros(n)
+    for r in prange(n):
+        peak = 0.0
+        for c in range(width):
+            v = x[r, c] - means[c]
+            x[r, c] = v
+            peak = max(peak, abs(v))
+        peaks[r] = peak
+    return peaks.max() if n else 0.0
 
 
 @njit(inline="always", cache=True)

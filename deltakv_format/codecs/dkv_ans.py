@@ -224,10 +224,14 @@ class BitEstimator:
         return bits > self.target
 
 
-def choose_step(z: np.ndarray, bits_per_value: float, bins: int = CLASS_BINS_PER_OCTAVE) -> float:
-    """Bisection on log(step) so that the coded rows' estimated bits per value meet the budget."""
+def choose_step(z: np.ndarray, bits_per_value: float, bins: int = CLASS_BINS_PER_OCTAVE,
+                peak: float | None = None) -> float:
+    """Bisection on log(step) so that the coded rows' estimated bits per value meet the budget
+    (``peak``: the largest |z|, when known)."""
     rows = z if z.shape[0] <= SEARCH_ROWS else z[np.linspace(0, z.shape[0] - 1, SEARCH_ROWS).astype(np.int64)]
-    peak = float(np.abs(z).max()) if z.size else 0.0
+    if peak is None:
+        peak = float(np.abs(z).max()) if z.size else 0.0
+    peak = float(peak)
     sd = float(np.sqrt(np.mean(rows ** 2))) if rows.size else 0.0
     floor = max(peak / MAX_CODE, 2.0 ** -24)
     if sd == 0.0:
@@ -245,19 +249,26 @@ def choose_step(z: np.ndarray, bits_per_value: float, bins: int = CLASS_BINS_PER
 
 
 def encode_segment(values: np.ndarray, table: np.ndarray, *, bits_per_value: float,
-                   stream_rows: int, head_dim: int, n_rot: int, mode: int) -> tuple[Head, np.ndarray]:
-    """Code f64 rows ``values`` (their cells' cos/sin in ``table``) at about ``bits_per_value`` bits of
-    codes per value: (head, words)."""
+                   stream_rows: int, head_dim: int, n_rot: int, mode: int, kind: int | None = None) -> tuple[Head, np.ndarray]:
+    """Code rows ``values`` (their cells' cos/sin in ``table``) at about ``bits_per_value`` bits of
+    codes per value: (head, words). ``values``: f64, or with ``kind`` the source's element bits
+    (``codecs.KIND_OF_TYPE``: converted as they are read)."""
     n, width = values.shape
-    pre = ans.unrotate_rows(values, table, head_dim, n_rot, mode) if mode != ans.ROPE_NONE else values
-    means16 = pre.mean(0).astype(np.float16)
+    if kind is not None:
+        pre = ans_encoder.values_before_rope(values, kind, table, head_dim, n_rot, mode)
+    elif mode != ans.ROPE_NONE:
+        pre = ans.unrotate_rows(values, table, head_dim, n_rot, mode)
+    else:
+        pre = np.array(values, np.float64)  # a copy: centred in place below
+    means16 = (ans_encoder.column_sums(pre) / n).astype(np.float16)  # = pre.mean(0): the same sums
     if not np.isfinite(means16).all():
         means16 = np.where(np.isfinite(means16), means16, 0).astype(np.float16)
     means = means16.astype(np.float32)
-    z = pre - means.astype(np.float64)
+    peak = ans_encoder.subtract_means(pre, means.astype(np.float64))
+    z = pre
     budget = max(bits_per_value, 0.05)
     bins = bins_per_octave(z.size)
-    step = np.float32(choose_step(z, budget, bins))
+    step = np.float32(choose_step(z, budget, bins, peak=peak))
     # the decoder computes f32(q) * step + mean: the codes are chosen for that step, from f64 values
     q = ans.quantize(z, float(step))
     square, peak = ans_encoder.code_square_sums(q)

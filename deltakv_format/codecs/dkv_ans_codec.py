@@ -177,13 +177,14 @@ class DkvAnsCodec(Codec):
         table = None
         if self.rope:
             table = _encoder_rope_table(self._positions(context, n_sink, n, where), self.thetas)
-        values = ans.to_f64(rows[n_sink:], KIND_OF_TYPE[ggml_type])
+
         side = estimated_side_bits(width, coded, self.stream_rows)
         budget = self.rate / 100 - side / (max(coded, SIDE_ROWS_FLOOR) * width)
         budget -= n_sink * SOURCE_BITS[ggml_type] / (max(n, SIDE_ROWS_FLOOR) * 1.0)
-        head, words = encode_segment(values, table if table is not None else np.empty((0, 0, 2), np.float32),
+        head, words = encode_segment(rows[n_sink:], table if table is not None else np.empty((0, 0, 2), np.float32),
                                      bits_per_value=budget, stream_rows=self.stream_rows,
-                                     head_dim=self.head_dim, n_rot=self.rope_dims, mode=self.rope)
+                                     head_dim=self.head_dim, n_rot=self.rope_dims, mode=self.rope,
+                                     kind=KIND_OF_TYPE[ggml_type])
         parts["head"] = np.frombuffer(head.pack(), np.uint8).copy()
         parts["data"] = words.view(np.uint8).copy()
         return parts
