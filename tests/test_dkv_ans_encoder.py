@@ -98,7 +98,7 @@ def test_stream_coder_gives_the_listing_coders_words():
     freqs = ans_encoder.frequency_tables(counts)
     cum = np.zeros((13, ans.N_SYMBOLS + 1), np.int64)
     cum[:, 1:] = np.cumsum(freqs, axis=1)
-    for stream_rows in (1, 16, 203):
+    for stream_rows in (1, 3, 16, 50, 203):
         n_streams = -(-203 // stream_rows)
         out, lens = ans_encoder.encode_streams(q, classes, shifts, freqs, cum, stream_rows, 0, n_streams)
         old_out, old_lens = ans.encode_streams(q, classes, shifts, freqs, cum, stream_rows, 0, n_streams)

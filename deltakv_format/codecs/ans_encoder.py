@@ -247,6 +247,39 @@ def _put(x, f, inv_f, start, buf, n):
     return (quotient << PROB_BITS) + rest + start, n
 
 
+@njit(inline="always", cache=True)
+def _put_value(x, n, buf, value, j, k, freqs, inverse, cum):
+    """Encode one code ``value`` of class ``j`` with ``k`` low bits: its symbols last to first (the
+    decoder reads the class symbol, an escape's two bytes, the low bits)."""
+    high = value >> k
+    low = value - (high << k)
+    if k > 8:
+        x, n = _put_uniform(x, k - 8, (low >> 8) << (PROB_BITS - (k - 8)), buf, n)
+    if k > 0:
+        k1 = min(k, 8)
+        x, n = _put_uniform(x, k1, (low & ((1 << k1) - 1)) << (PROB_BITS - k1), buf, n)
+    if -DIRECT_MAX <= high <= DIRECT_MAX:
+        sym = high + DIRECT_MAX
+        x, n = _put(x, freqs[j, sym], inverse[j, sym], cum[j, sym], buf, n)
+    else:
+        u = high & 0xFFFF
+        x, n = _put_uniform(x, 8, (u >> 8) << (PROB_BITS - 8), buf, n)
+        x, n = _put_uniform(x, 8, (u & 0xFF) << (PROB_BITS - 8), buf, n)
+        x, n = _put(x, freqs[j, ESCAPE], inverse[j, ESCAPE], cum[j, ESCAPE], buf, n)
+    return x, n
+
+
+@njit(inline="always", cache=True)
+def _flush(x, n, buf):
+    """The final state, as the first two words the decoder reads."""
+    buf[n] = np.uint16(x >> 16)
+    buf[n + 1] = np.uint16(x & 0xFFFF)
+    return n + 2
+
+
+LANES = 4  # streams coded together by one thread: their state updates are independent (latency hidden)
+
+
 @njit(parallel=True, **_JIT)
 def encode_streams(q, classes, shifts, freqs, cum, stream_rows, s0, s1):
     """rANS-code streams [s0, s1) of integer codes ``q`` (rows, width): (words per stream
@@ -255,7 +288,8 @@ def encode_streams(q, classes, shifts, freqs, cum, stream_rows, s0, s1):
 
     The words of ``ans.encode_streams`` (which lists every symbol, then codes the list backwards):
     here the values are visited backwards, each value's symbols last to first, and the words are
-    written from the row's end towards its start, so neither a list nor a reversal is needed."""
+    written from the row's end towards its start, so neither a list nor a reversal is needed.
+    Whole streams go LANES at a time (one rANS state each, interleaved), the rest one by one."""
     n_rows, width = q.shape
     capacity = stream_rows * width * 5 + 2
     n_classes = freqs.shape[0]
@@ -268,34 +302,38 @@ def encode_streams(q, classes, shifts, freqs, cum, stream_rows, s0, s1):
         column_shift[c] = shifts[classes[c]]
     lengths = np.zeros(s1 - s0, np.int64)
     out = np.empty((s1 - s0, capacity), np.uint16)
-    for si in prange(s1 - s0):
-        s = s0 + si
-        r0 = s * stream_rows
+    n_whole = max(min(s1, n_rows // stream_rows) - s0, 0)  # streams of stream_rows rows
+    n_groups = n_whole // LANES
+    for g in prange(n_groups):
+        si = g * LANES
+        r0 = (s0 + si) * stream_rows
+        ba = out[si, ::-1]  # the words as they are emitted: the last one decoded comes first
+        bb = out[si + 1, ::-1]
+        bc = out[si + 2, ::-1]
+        bd = out[si + 3, ::-1]
+        na = nb = nc = nd = 0
+        xa = xb = xc = xd = np.int64(RANS_LOW)
+        for i in range(stream_rows - 1, -1, -1):
+            r = r0 + i
+            for c in range(width - 1, -1, -1):
+                j = classes[c]
+                k = column_shift[c]
+                xa, na = _put_value(xa, na, ba, np.int64(q[r, c]), j, k, freqs, inverse, cum)
+                xb, nb = _put_value(xb, nb, bb, np.int64(q[r + stream_rows, c]), j, k, freqs, inverse, cum)
+                xc, nc = _put_value(xc, nc, bc, np.int64(q[r + 2 * stream_rows, c]), j, k, freqs, inverse, cum)
+                xd, nd = _put_value(xd, nd, bd, np.int64(q[r + 3 * stream_rows, c]), j, k, freqs, inverse, cum)
+        lengths[si] = _flush(xa, na, ba)
+        lengths[si + 1] = _flush(xb, nb, bb)
+        lengths[si + 2] = _flush(xc, nc, bc)
+        lengths[si + 3] = _flush(xd, nd, bd)
+    for si in prange(n_groups * LANES, s1 - s0):
+        r0 = (s0 + si) * stream_rows
         r1 = min(r0 + stream_rows, n_rows)
-        buf = out[si, ::-1]  # the words as they are emitted: the last one decoded comes first
+        buf = out[si, ::-1]
         n = 0
         x = np.int64(RANS_LOW)
         for r in range(r1 - 1, r0 - 1, -1):
             for c in range(width - 1, -1, -1):
-                j = classes[c]
-                k = column_shift[c]
-                value = np.int64(q[r, c])
-                high = value >> k
-                low = value - (high << k)
-                if k > 8:
-                    x, n = _put_uniform(x, k - 8, (low >> 8) << (PROB_BITS - (k - 8)), buf, n)
-                if k > 0:
-                    k1 = min(k, 8)
-                    x, n = _put_uniform(x, k1, (low & ((1 << k1) - 1)) << (PROB_BITS - k1), buf, n)
-                if -DIRECT_MAX <= high <= DIRECT_MAX:
-                    sym = high + DIRECT_MAX
-                    x, n = _put(x, freqs[j, sym], inverse[j, sym], cum[j, sym], buf, n)
-                else:
-                    u = high & 0xFFFF
-                    x, n = _put_uniform(x, 8, (u >> 8) << (PROB_BITS - 8), buf, n)
-                    x, n = _put_uniform(x, 8, (u & 0xFF) << (PROB_BITS - 8), buf, n)
-                    x, n = _put(x, freqs[j, ESCAPE], inverse[j, ESCAPE], cum[j, ESCAPE], buf, n)
-        buf[n] = np.uint16(x >> 16)
-        buf[n + 1] = np.uint16(x & 0xFFFF)
-        lengths[si] = n + 2
+                x, n = _put_value(x, n, buf, np.int64(q[r, c]), classes[c], column_shift[c], freqs, inverse, cum)
+        lengths[si] = _flush(x, n, buf)
     return out, lengths
