@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -54,17 +55,24 @@ def corrupt_stream(stream: int) -> CorruptError:
     return CorruptError(f"{DECODE_WHERE}: rANS stream {stream} does not decode to its rows (damaged data)")
 
 
-_LAST_ROPE_TABLE: list = [None, None, None]  # positions, thetas, table of the last encode
+_ROPE_TABLES: dict = {}
+"""The encoder's last rotary table: (id of the cells' positions array, rows, angles) -> table, kept while
+that array lives. Every K layer of a stream has the same cells (write_session hands each track of a
+stream the same positions) and usually the same angles; the table costs about a fifth of a layer's encode."""
 
 
-def _encoder_rope_table(positions: np.ndarray, thetas: np.ndarray) -> np.ndarray:
-    """ans.rope_table, kept for the next call: every K layer of a stream has the same cells, and
-    usually the same angles (computing the table costs as much as a fifth of a layer's encode)."""
-    last_positions, last_thetas, table = _LAST_ROPE_TABLE
-    if not (last_positions is not None and np.array_equal(last_positions, positions)
-            and np.array_equal(last_thetas, thetas)):
-        table = ans.rope_table(positions, thetas)
-        _LAST_ROPE_TABLE[:] = [positions.copy(), thetas.copy(), table]
+def _encoder_rope_table(codec: "DkvAnsCodec", context, lo: int, hi: int, where: str) -> np.ndarray:
+    source = context.positions if context is not None else None
+    key = (id(source), lo, hi, codec.thetas.tobytes())
+    table = _ROPE_TABLES.get(key)
+    if table is None:
+        table = ans.rope_table(codec._positions(context, lo, hi, where), codec.thetas)
+        try:
+            weakref.finalize(source, _ROPE_TABLES.pop, key, None)
+        except TypeError:  # positions that cannot be watched (a list): not kept
+            return table
+        _ROPE_TABLES.clear()
+        _ROPE_TABLES[key] = table
     return table
 
 
@@ -176,8 +184,7 @@ class DkvAnsCodec(Codec):
             return parts
         table = None
         if self.rope:
-            table = _encoder_rope_table(self._positions(context, n_sink, n, where), self.thetas)
-
+            table = _encoder_rope_table(self, context, n_sink, n, where)
         side = estimated_side_bits(width, coded, self.stream_rows)
         budget = self.rate / 100 - side / (max(coded, SIDE_ROWS_FLOOR) * width)
         budget -= n_sink * SOURCE_BITS[ggml_type] / (max(n, SIDE_ROWS_FLOOR) * 1.0)
