@@ -391,6 +391,26 @@ def bench_store(tokens_list, stores, repeat, codec):
     click.echo(run(tokens_list=tokens_list or (2048, 16384), stores=stores, repeat=repeat, codec=codec))
 
 
+@bench.command("save")
+@click.option("--tokens", "tokens_list", default="2048,16384", show_default=True,
+              help="Session sizes, comma-separated.")
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--fresh", is_flag=True, help="Evaluate the prompt even where a saved context of that size is cached.")
+@friendly_errors
+def bench_save(tokens_list, codec, repeat, fresh):
+    """deltakv_runtime.save vs llama_state_seq_save_file of the same context, with save's steps (SmolLM2)."""
+    from .measure.bench_save import bench_save as run
+
+    try:
+        sizes = [int(t) for t in tokens_list.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected token counts such as 2048,16384, found {tokens_list!r}", param_hint="--tokens")
+    if not sizes or min(sizes) < 16:
+        raise click.BadParameter(f"expected token counts of at least 16, found {tokens_list!r}", param_hint="--tokens")
+    click.echo(run(tokens_list=sizes, codec=codec, repeat=repeat, fresh=fresh))
+
+
 @bench.command("extend")
 @click.option("--small", type=int, default=2048, show_default=True)
 @click.option("--large", type=int, default=32768, show_default=True)

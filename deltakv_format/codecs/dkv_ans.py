@@ -25,10 +25,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from ..errors import CodecError, CorruptError
-from . import ans
+from . import ans, ans_encoder
 
 HEAD_FIXED_BYTES = 12  # u32 n_rows, f32 step, u16 n_classes, u16 zero
 CLASS_BYTES = 2 + 2 * ans.N_SYMBOLS  # u8 shift, u8 zero, u16 freq[32]
@@ -142,7 +143,10 @@ def bins_per_octave(n_coded_values: int) -> int:
 
 def _octaves(q: np.ndarray, bins: int) -> np.ndarray:
     """Class key of each column: its RMS code, in 1/bins of an octave."""
-    spread = np.sqrt(np.mean(q.astype(np.float64) ** 2, axis=0))
+    return _octaves_of_spread(np.sqrt(np.mean(q.astype(np.float64) ** 2, axis=0)), bins)
+
+
+def _octaves_of_spread(spread: np.ndarray, bins: int) -> np.ndarray:
     return np.clip(np.rint(bins * np.log2(np.maximum(spread, 2.0 ** -5))), -5 * bins, 14 * bins).astype(np.int64)
 
 
@@ -172,7 +176,8 @@ def _entropy_bits(counts: np.ndarray) -> float:
 
 def _estimate_bits(z: np.ndarray, step: float, bins: int) -> tuple[float, int]:
     """Estimated bits of the codes of ``z`` at ``step`` (entropy per class, raw low bits, escapes), and
-    the number of classes."""
+    the number of classes. The arithmetic that decides: :class:`BitEstimator` computes it faster and
+    falls back on it where its own rounding of log2 could decide otherwise."""
     q = np.rint(z / step)
     octave = _octaves(q, bins)
     keys, counts, escapes, raw_bits = _class_histograms(q.astype(np.int64), octave, bins)
@@ -195,20 +200,48 @@ def normalize_frequencies(counts: np.ndarray) -> np.ndarray:
     return freqs
 
 
-def choose_step(z: np.ndarray, bits_per_value: float, bins: int = CLASS_BINS_PER_OCTAVE) -> float:
-    """Bisection on log(step) so that the coded rows' estimated bits per value meet the budget."""
+class BitEstimator:
+    """:func:`_estimate_bits` of one set of rows at many steps: the codes and histograms by Numba
+    (``ans_encoder``, the same integers), the column classes by numpy; where the estimate (its
+    log2 libm's) lies within ``DECISION_MARGIN`` of ``target``, numpy's estimate decides."""
+
+    def __init__(self, rows: np.ndarray, bins: int, target: float):
+        self.rows = np.ascontiguousarray(rows, np.float64)
+        self.bins = bins
+        self.target = target
+        self.codes = np.empty(self.rows.shape, np.int64)
+        self.column_counts = np.empty((self.rows.shape[1], ans.N_SYMBOLS), np.int64)
+        self.fallbacks = 0  # steps numpy decided (for the tests)
+
+    def above_target(self, step: float) -> bool:
+        """Whether the rows' estimated bits at ``step`` exceed the target."""
+        square = ans_encoder.search_codes(self.rows, step, self.codes)
+        keys = _octaves_of_spread(np.sqrt(square / self.rows.shape[0]), self.bins)  # = _octaves(codes)
+        bits, _ = ans_encoder.estimate_bits(self.codes, keys, self.bins, SHIFT_OFFSET, self.column_counts)
+        if abs(bits - self.target) <= ans_encoder.DECISION_MARGIN * max(abs(bits), abs(self.target), 1.0):
+            self.fallbacks += 1
+            bits, _ = _estimate_bits(self.rows, step, self.bins)
+        return bits > self.target
+
+
+def choose_step(z: np.ndarray, bits_per_value: float, bins: int = CLASS_BINS_PER_OCTAVE,
+                peak: float | None = None) -> float:
+    """Bisection on log(step) so that the coded rows' estimated bits per value meet the budget
+    (``peak``: the largest |z|, when known)."""
     rows = z if z.shape[0] <= SEARCH_ROWS else z[np.linspace(0, z.shape[0] - 1, SEARCH_ROWS).astype(np.int64)]
-    peak = float(np.abs(z).max()) if z.size else 0.0
+    if peak is None:
+        peak = float(np.abs(z).max()) if z.size else 0.0
+    peak = float(peak)
     sd = float(np.sqrt(np.mean(rows ** 2))) if rows.size else 0.0
     floor = max(peak / MAX_CODE, 2.0 ** -24)
     if sd == 0.0:
         return max(floor, 1.0) if peak == 0.0 else max(floor, peak)
     lo, hi = np.log(max(sd / 65536, floor)), np.log(max(sd * 64, floor))
     target = bits_per_value * rows.size
+    estimator = BitEstimator(rows, bins, target)
     for _ in range(22):
         mid = 0.5 * (lo + hi)
-        bits, _ = _estimate_bits(rows, float(np.exp(mid)), bins)
-        if bits > target:
+        if estimator.above_target(float(np.exp(mid))):
             lo = mid
         else:
             hi = mid
@@ -216,39 +249,51 @@ def choose_step(z: np.ndarray, bits_per_value: float, bins: int = CLASS_BINS_PER
 
 
 def encode_segment(values: np.ndarray, table: np.ndarray, *, bits_per_value: float,
-                   stream_rows: int, head_dim: int, n_rot: int, mode: int) -> tuple[Head, np.ndarray]:
-    """Code f64 rows ``values`` (their cells' cos/sin in ``table``) at about ``bits_per_value`` bits of
-    codes per value: (head, words)."""
+                   stream_rows: int, head_dim: int, n_rot: int, mode: int, kind: int | None = None) -> tuple[Head, np.ndarray]:
+    """Code rows ``values`` (their cells' cos/sin in ``table``) at about ``bits_per_value`` bits of
+    codes per value: (head, words). ``values``: f64, or with ``kind`` the source's element bits
+    (``codecs.KIND_OF_TYPE``: converted as they are read)."""
     n, width = values.shape
-    pre = ans.unrotate_rows(values, table, head_dim, n_rot, mode) if mode != ans.ROPE_NONE else values
-    means16 = pre.mean(0).astype(np.float16)
+    if kind is not None:
+        pre = ans_encoder.values_before_rope(values, kind, table, head_dim, n_rot, mode)
+    elif mode != ans.ROPE_NONE:
+        pre = ans.unrotate_rows(values, table, head_dim, n_rot, mode)
+    else:
+        pre = np.array(values, np.float64)  # a copy: centred in place below
+    means16 = (ans_encoder.column_sums(pre) / n).astype(np.float16)  # = pre.mean(0): the same sums
     if not np.isfinite(means16).all():
         means16 = np.where(np.isfinite(means16), means16, 0).astype(np.float16)
     means = means16.astype(np.float32)
-    z = pre - means.astype(np.float64)
+    peak = ans_encoder.subtract_means(pre, means.astype(np.float64))
+    z = pre
     budget = max(bits_per_value, 0.05)
     bins = bins_per_octave(z.size)
-    step = np.float32(choose_step(z, budget, bins))
+    step = np.float32(choose_step(z, budget, bins, peak=peak))
     # the decoder computes f32(q) * step + mean: the codes are chosen for that step, from f64 values
     q = ans.quantize(z, float(step))
-    if np.abs(q).max(initial=0) >= 1 << 15:
-        raise CodecError(f"codes up to {int(np.abs(q).max())} at step {float(step)!r}: beyond 16 bits")
-    octave = _octaves(q, bins)
-    keys, counts, _, _ = _class_histograms(q.astype(np.int64), octave, bins)
-    classes = np.searchsorted(keys, octave).astype(np.uint8)
+    square, peak = ans_encoder.code_square_sums(q)
+    if peak >= 1 << 15:
+        raise CodecError(f"codes up to {peak} at step {float(step)!r}: beyond 16 bits")
+    octave = _octaves_of_spread(np.sqrt(square / n), bins)  # = _octaves(q, bins): the sums are numpy's
+    keys, column_class = np.unique(octave, return_inverse=True)
+    counts = ans_encoder.class_counts(q, column_class.astype(np.int64), _shift_of_octave(octave, bins), len(keys),
+                                       numba.get_num_threads())
+    classes = column_class.astype(np.uint8)
     shifts = _shift_of_octave(keys, bins).astype(np.uint8)
-    freqs = np.stack([normalize_frequencies(c) for c in counts]).astype(np.uint16)
+    freqs64 = ans_encoder.frequency_tables(counts)
+    if not (freqs64[counts > 0] >= 1).all():  # cannot happen with 32 symbols (normalize_frequencies)
+        raise CodecError("frequency normalization failed")
+    freqs = freqs64.astype(np.uint16)
     cum = np.zeros((len(keys), ans.N_SYMBOLS + 1), np.int64)
-    cum[:, 1:] = np.cumsum(freqs.astype(np.int64), axis=1)
+    cum[:, 1:] = np.cumsum(freqs64, axis=1)
     n_streams = -(-n // stream_rows)
     pieces, lengths = [], []
     batch = max(1, (1 << 22) // max(stream_rows * width * 5, 1))  # bounded scratch: ~8 MiB of words
     for s0 in range(0, n_streams, batch):
         s1 = min(n_streams, s0 + batch)
-        out, lens = ans.encode_streams(q, classes, shifts.astype(np.int64), freqs.astype(np.int64), cum,
-                                       stream_rows, s0, s1)
+        out, lens = ans_encoder.encode_streams(q, classes, shifts.astype(np.int64), freqs64, cum, stream_rows, s0, s1)
         for i in range(s1 - s0):
-            pieces.append(out[i, :lens[i]])
+            pieces.append(out[i, out.shape[1] - lens[i]:])
         lengths.extend(int(x) for x in lens)
     starts = np.zeros(n_streams, np.uint32)
     if n_streams > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,6 +53,27 @@ class CodedRows:
 def corrupt_stream(stream: int) -> CorruptError:
     """The error of a stream that does not decode (SPEC.md 6.5), the same from every decoder."""
     return CorruptError(f"{DECODE_WHERE}: rANS stream {stream} does not decode to its rows (damaged data)")
+
+
+_ROPE_TABLES: dict = {}
+"""The encoder's last rotary table: (id of the cells' positions array, rows, angles) -> table, kept while
+that array lives. Every K layer of a stream has the same cells (write_session hands each track of a
+stream the same positions) and usually the same angles; the table costs about a fifth of a layer's encode."""
+
+
+def _encoder_rope_table(codec: "DkvAnsCodec", context, lo: int, hi: int, where: str) -> np.ndarray:
+    source = context.positions if context is not None else None
+    key = (id(source), lo, hi, codec.thetas.tobytes())
+    table = _ROPE_TABLES.get(key)
+    if table is None:
+        table = ans.rope_table(codec._positions(context, lo, hi, where), codec.thetas)
+        try:
+            weakref.finalize(source, _ROPE_TABLES.pop, key, None)
+        except TypeError:  # positions that cannot be watched (a list): not kept
+            return table
+        _ROPE_TABLES.clear()
+        _ROPE_TABLES[key] = table
+    return table
 
 
 @register_codec
@@ -162,14 +184,14 @@ class DkvAnsCodec(Codec):
             return parts
         table = None
         if self.rope:
-            table = ans.rope_table(self._positions(context, n_sink, n, where), self.thetas)
-        values = ans.to_f64(rows[n_sink:], KIND_OF_TYPE[ggml_type])
+            table = _encoder_rope_table(self, context, n_sink, n, where)
         side = estimated_side_bits(width, coded, self.stream_rows)
         budget = self.rate / 100 - side / (max(coded, SIDE_ROWS_FLOOR) * width)
         budget -= n_sink * SOURCE_BITS[ggml_type] / (max(n, SIDE_ROWS_FLOOR) * 1.0)
-        head, words = encode_segment(values, table if table is not None else np.empty((0, 0, 2), np.float32),
+        head, words = encode_segment(rows[n_sink:], table if table is not None else np.empty((0, 0, 2), np.float32),
                                      bits_per_value=budget, stream_rows=self.stream_rows,
-                                     head_dim=self.head_dim, n_rot=self.rope_dims, mode=self.rope)
+                                     head_dim=self.head_dim, n_rot=self.rope_dims, mode=self.rope,
+                                     kind=KIND_OF_TYPE[ggml_type])
         parts["head"] = np.frombuffer(head.pack(), np.uint8).copy()
         parts["data"] = words.view(np.uint8).copy()
         return parts
