@@ -650,6 +650,25 @@ class DkvFile:
             )
         self._verified.add(name)
 
+    def verify_tensors(self) -> None:
+        """Check the CRC of every tensor not checked yet (raises ChecksumError on the first mismatch);
+        :meth:`tensor` then reads them without checking again."""
+        for name in self.tensor_infos:
+            if name not in self._verified:
+                self.verify_tensor(name)
+
+    def read_ahead(self) -> None:
+        """Ask the OS to read the mapped tensor bytes in now (madvise WILLNEED; a no-op for a buffer
+        or where the platform has no madvise): one sequential read instead of a fault per page."""
+        m = self._map
+        advise = getattr(mmap, "MADV_WILLNEED", None)
+        if isinstance(m, mmap.mmap) and advise is not None and self.data_end > self.data_start:
+            start = self.data_start - self.data_start % mmap.PAGESIZE
+            try:
+                m.madvise(advise, start, self.data_end - start)
+            except (OSError, ValueError):
+                pass  # advice only
+
     # -- access -------------------------------------------------------------------------
 
     @property
