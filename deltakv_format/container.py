@@ -669,6 +669,26 @@ class DkvFile:
             except (OSError, ValueError):
                 pass  # advice only
 
+    def release(self, names) -> None:
+        """Take the mapped pages of tensors ``names`` out of this process's resident set (madvise
+        DONTNEED; the page cache keeps them, a later read maps them again): a streamed reader calls
+        it on what it has decoded, so that its resident set does not grow with the file. A no-op for
+        a buffer or where the platform has no madvise."""
+        m = self._map
+        advise = getattr(mmap, "MADV_DONTNEED", None)
+        if not isinstance(m, mmap.mmap) or advise is None:
+            return
+        for name in names:
+            info = self.tensor_infos.get(name)
+            if info is None or not info.nbytes:
+                continue
+            start = self.data_start + info.offset
+            first = start - start % mmap.PAGESIZE
+            try:
+                m.madvise(advise, first, start + info.nbytes - first)
+            except (OSError, ValueError):
+                return  # advice only
+
     # -- access -------------------------------------------------------------------------
 
     @property

@@ -148,6 +148,13 @@ def decode_payload(session: "DkvSession", payload: PendingPayload, dst: np.ndarr
         dst[:] = np.frombuffer(KVTensor.payload_from_rows(session.rows(t), t.transposed), np.uint8)
 
 
+def release_track(session: "DkvSession", track: Track) -> None:
+    """Drop the mapped pages of ``track``'s parts from the resident set once it is decoded (the
+    mapping is read-only: a later read faults them in again from the page cache)."""
+    roles = [part.role for part in track.codec.parts(track.ggml_type, track.n_values)]
+    session.file.release(track.part_name(s, role) for s in range(session.n_segments) for role in roles)
+
+
 def read_parts(session: "DkvSession") -> None:
     """Bring the whole file in (one sequential pass: the OS's read-ahead does the rest) and check
     every tensor's checksum, so that decoding then touches only memory. Without checksums (a file
@@ -205,7 +212,9 @@ def iter_rebuilt_chunks(session: "DkvSession", *, framing: Framing | None = None
                         workers: int = DEFAULT_WORKERS) -> Iterator[bytes | memoryview | np.ndarray]:
     """The rebuilt state's bytes in order, each K/V payload decoded into a buffer of its own while
     at most ``window`` later ones are decoded ahead (by ``workers`` threads). A consumer that writes
-    each chunk before asking for the next holds at most ``window + 1`` layers of the state."""
+    each chunk before asking for the next holds at most ``window + 1`` layers of the state; the
+    mapped pages of the parts decoded are released as it goes (:func:`release_track`), and their
+    checksums checked tensor by tensor as they are first read."""
     plan = plan_rebuild(session, framing=framing, tokens=tokens, seq_id=seq_id, file_version=file_version)
     window = max(1, window)
     ahead: deque = deque()  # futures of the next payloads, in order
@@ -215,6 +224,7 @@ def iter_rebuilt_chunks(session: "DkvSession", *, framing: Framing | None = None
     def decoded(payload: PendingPayload) -> np.ndarray:
         buf = np.empty(payload.nbytes, np.uint8)
         decode_payload(session, payload, buf)
+        release_track(session, payload.track)
         return buf
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, window))) as pool:
