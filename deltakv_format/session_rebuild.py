@@ -158,10 +158,14 @@ def release_track(session: "DkvSession", track: Track) -> None:
 def read_parts(session: "DkvSession") -> None:
     """Bring the whole file in (one sequential pass: the OS's read-ahead does the rest) and check
     every tensor's checksum, so that decoding then touches only memory. Without checksums (a file
-    opened with ``verify_checksums=False``) only the read-ahead is asked for."""
+    opened with ``verify_checksums=False``) only the read-ahead is asked for. Each tensor's mapped
+    pages leave the resident set once checked (decoding maps them again from the page cache, and
+    releases them once its track is done), so that a load holds the state buffer, not the file too."""
     session.file.read_ahead()
     if session.file.verify_checksums:
-        session.file.verify_tensors()
+        for name in session.file.tensor_infos:
+            session.file.verify_tensor(name)
+            session.file.release([name])  # the page cache keeps it; the resident set does not grow
 
 
 def rebuild_into(session: "DkvSession", out: np.ndarray | None = None, *, framing: Framing | None = None,
@@ -194,6 +198,7 @@ def rebuild_into(session: "DkvSession", out: np.ndarray | None = None, *, framin
     def one(item):
         offset, payload = item
         decode_payload(session, payload, out[offset:offset + payload.nbytes])
+        release_track(session, payload.track)
 
     if workers <= 1 or len(payloads) <= 1:
         for item in payloads:

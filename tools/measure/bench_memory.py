@@ -132,7 +132,8 @@ def synthetic_session(source: Path, out: Path, at_least: int) -> Path:
 
 def bench_memory(*, small: int = 2048, large: int = 8192, synthetic_bytes: int = 1_500_000_000,
                  codec: str = DEFAULT_CODEC, old_restore: bool = True, workdir=None) -> str:
-    """Peak RSS of convert and restore (and of the old, whole-state restore) per session size."""
+    """Peak RSS of convert and restore (and of the old, whole-state restore) per session size, and of a
+    process loading the real sessions into a live context (deltakv vs native vs the context alone)."""
     tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="deltakv-mem-"))
     tmp.mkdir(parents=True, exist_ok=True)
     sessions = real_sessions(tmp, small, large)
@@ -152,6 +153,7 @@ def bench_memory(*, small: int = 2048, large: int = 8192, synthetic_bytes: int =
         rows.append((name, ggsq.stat().st_size, dkv.stat().st_size, conv, rest, old_run, identical, same))
         for p in (restored, old):
             p.unlink(missing_ok=True)
+    loads = [load_rss(tmp / f"smollm2-{n}.dkv", sessions[str(n)], n) for n in (small, large)]
     mb = 1e6
     lines = _header("memory") + [
         "",
@@ -176,7 +178,7 @@ def bench_memory(*, small: int = 2048, large: int = 8192, synthetic_bytes: int =
                   "maximum resident set size (/usr/bin/time). "
                   + ("The streamed and the whole-state restore wrote identical bytes for every session."
                      if all(r[6] for r in rows) else "The streamed and whole-state restores DIFFERED somewhere."),
-              f"files in {tmp}"]
+              "", *("\n\n".join(loads).split("\n")), "", f"files in {tmp}"]
     return "\n".join(lines)
 
 
@@ -184,3 +186,32 @@ def _same_file(a: Path, b: Path) -> bool:
     import filecmp
 
     return filecmp.cmp(a, b, shallow=False)
+
+
+LOAD_CHILD = (
+    "import ctypes, sys\n"
+    "import llama_cpp\n"
+    "from llama_cpp import Llama\n"
+    "from deltakv_runtime import load\n"
+    "path, n, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]\n"
+    "llm = Llama(sys.argv[4], n_ctx=n + 64, n_batch=512, flash_attn=True, verbose=False)\n"
+    "if how == 'deltakv':\n"
+    "    load(llm, path)\n"
+    "elif how == 'native':\n"
+    "    buf = (llama_cpp.llama_token * (n + 64))(); got = ctypes.c_size_t(0)\n"
+    "    assert llama_cpp.llama_state_seq_load_file(llm.ctx, path.encode(), 0, buf, n + 64, ctypes.byref(got))\n"
+)
+"""A child that makes a context and loads a session into it (``how``: deltakv, native, or none)."""
+
+
+def load_rss(dkv: Path, ggsq: Path, n_tokens: int) -> str:
+    """Peak RSS of a fresh process loading a session into a live context: deltakv's load vs
+    llama_state_seq_load_file vs the context alone (what the load adds is the difference)."""
+    model = str(smollm2())
+    rows = []
+    for how, path in (("none", dkv), ("deltakv", dkv), ("native", ggsq)):
+        peak, seconds = peak_rss([sys.executable, "-c", LOAD_CHILD, str(path), str(n_tokens), how, model])
+        rows.append(f"| {how} | {peak / 1e6:.0f} | {seconds:.1f} |")
+    return "\n".join([f"load of a {n_tokens}-token session ({ggsq.stat().st_size / 1e6:.0f} MB of state) into a "
+                      "fresh context, peak RSS of the process:", "", "| load | peak RSS MB | s |", "|---|---|---|",
+                      *rows])
