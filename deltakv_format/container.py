@@ -650,12 +650,15 @@ class DkvFile:
             )
         self._verified.add(name)
 
-    def verify_tensors(self) -> None:
+    def verify_tensors(self, *, release: bool = False) -> None:
         """Check the CRC of every tensor not checked yet (raises ChecksumError on the first mismatch);
-        :meth:`tensor` then reads them without checking again."""
+        :meth:`tensor` then reads them without checking again. ``release``: each tensor's pages leave
+        the resident set once checked (:meth:`release`)."""
         for name in self.tensor_infos:
             if name not in self._verified:
                 self.verify_tensor(name)
+                if release:
+                    self.release([name])
 
     def read_ahead(self) -> None:
         """Ask the OS to read the mapped tensor bytes in now (madvise WILLNEED; a no-op for a buffer

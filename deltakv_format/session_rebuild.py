@@ -163,9 +163,7 @@ def read_parts(session: "DkvSession") -> None:
     releases them once its track is done), so that a load holds the state buffer, not the file too."""
     session.file.read_ahead()
     if session.file.verify_checksums:
-        for name in session.file.tensor_infos:
-            session.file.verify_tensor(name)
-            session.file.release([name])  # the page cache keeps it; the resident set does not grow
+        session.file.verify_tensors(release=True)  # the page cache keeps them; the resident set does not grow
 
 
 def rebuild_into(session: "DkvSession", out: np.ndarray | None = None, *, framing: Framing | None = None,
