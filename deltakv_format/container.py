@@ -650,6 +650,48 @@ class DkvFile:
             )
         self._verified.add(name)
 
+    def verify_tensors(self, *, release: bool = False) -> None:
+        """Check the CRC of every tensor not checked yet (raises ChecksumError on the first mismatch);
+        :meth:`tensor` then reads them without checking again. ``release``: each tensor's pages leave
+        the resident set once checked (:meth:`release`)."""
+        for name in self.tensor_infos:
+            if name not in self._verified:
+                self.verify_tensor(name)
+                if release:
+                    self.release([name])
+
+    def read_ahead(self) -> None:
+        """Ask the OS to read the mapped tensor bytes in now (madvise WILLNEED; a no-op for a buffer
+        or where the platform has no madvise): one sequential read instead of a fault per page."""
+        m = self._map
+        advise = getattr(mmap, "MADV_WILLNEED", None)
+        if isinstance(m, mmap.mmap) and advise is not None and self.data_end > self.data_start:
+            start = self.data_start - self.data_start % mmap.PAGESIZE
+            try:
+                m.madvise(advise, start, self.data_end - start)
+            except (OSError, ValueError):
+                pass  # advice only
+
+    def release(self, names) -> None:
+        """Take the mapped pages of tensors ``names`` out of this process's resident set (madvise
+        DONTNEED; the page cache keeps them, a later read maps them again): a streamed reader calls
+        it on what it has decoded, so that its resident set does not grow with the file. A no-op for
+        a buffer or where the platform has no madvise."""
+        m = self._map
+        advise = getattr(mmap, "MADV_DONTNEED", None)
+        if not isinstance(m, mmap.mmap) or advise is None:
+            return
+        for name in names:
+            info = self.tensor_infos.get(name)
+            if info is None or not info.nbytes:
+                continue
+            start = self.data_start + info.offset
+            first = start - start % mmap.PAGESIZE
+            try:
+                m.madvise(advise, first, start + info.nbytes - first)
+            except (OSError, ValueError):
+                return  # advice only
+
     # -- access -------------------------------------------------------------------------
 
     @property

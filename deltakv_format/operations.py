@@ -22,11 +22,12 @@ from .codecs.transcode import TranscodedCodec
 from .constants import DEFAULT_CODEC, FLOAT_TYPES, GGUF_MAGIC, GGMLType
 from .container import DkvFile, replacing_file
 from .errors import ChecksumError, CodecError, CorruptError, DeltaKVError
-from .llama_state import parse_state, write_state
+from .llama_state import parse_state
 from .model_info import ModelInfo
 from .reference import from_source_bits
 from .session_cells import cell_record_ends, owned_spans
 from .session_reader import DkvSession
+from .session_rebuild import iter_rebuilt_chunks
 from .session_sizes import stored_bytes_by_track
 from .session_tracks import source_n_values
 from .session_writer import codecs_of_roles, rope_for_state, session_bytes, write_session
@@ -275,11 +276,10 @@ def restore(dkv_path, out_path, *, framing: str | None = None) -> int:
     ``framing`` says otherwise)."""
     check_output_path(out_path)
     with opened_session(dkv_path) as session:
-        state = session.to_llama_state()
         target = Framing(framing) if framing else None
-        tokens = session.tokens()
-        data = write_state(state, framing=target, tokens=tokens)
-    return atomic_write(out_path, [data])
+        # streamed: a few layers decoded at a time, written as they come (memory independent of the
+        # session's size); the file appears only once complete (atomic_write)
+        return atomic_write(out_path, iter_rebuilt_chunks(session, framing=target, tokens=session.tokens()))
 
 
 # ---- inspect ----------------------------------------------------------------------------

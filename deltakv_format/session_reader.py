@@ -21,21 +21,12 @@ from .session_schema import (
     cells_tensor,
     decode_metadata,
     is_byte_tensor,
-    section_tensor,
     stream_track_ids,
     tokens_tensor,
 )
 from .session_sizes import rebuilt_state_bytes, session_stats
-from .session_tracks import Track, empty_part, source_n_values, tracks_by_stream
-from .state_model import (
-    BodyLayout,
-    Framing,
-    KVCacheSection,
-    KVStream,
-    KVTensor,
-    LlamaState,
-    OpaqueSection,
-)
+from .session_tracks import Track, empty_part
+from .state_model import BodyLayout, Framing, KVTensor, LlamaState
 
 
 def _track_params(text: str, where: str) -> dict:
@@ -62,6 +53,7 @@ class DkvSession:
             _file = path
         self.file = _file if _file is not None else DkvFile(path, verify_checksums=verify_checksums)
         self._positions: dict[tuple[int, int], np.ndarray] = {}
+        self._rope_tables: dict[tuple[int, int], dict] = {}  # per (stream, segment): decoders' rotary tables
         where = self.file.name if isinstance(path, DkvFile) else str(path)
         try:
             self._load()
@@ -301,13 +293,18 @@ class DkvSession:
         return owned_spans(self.seg_first_row, self.seg_rows, stream)
 
     def rows(self, track: Track | str, row_lo: int = 0, row_hi: int | None = None, out=None) -> np.ndarray:
-        """Decode rows [row_lo, row_hi) of a track: token-major element bits (or raw row bytes)."""
+        """Decode rows [row_lo, row_hi) of a track: token-major element bits (or raw row bytes).
+
+        ``out``: a C-contiguous ``(row_hi - row_lo, n_values)`` array of the rows' dtype that every
+        segment decodes straight into (no join); returned."""
         if isinstance(track, str):
             track = self.track_by_name[track]
         n = self.stream_cells[track.stream]
         row_hi = n if row_hi is None else row_hi
         if not 0 <= row_lo <= row_hi <= n:
             raise DeltaKVError(f"rows {row_lo}..{row_hi} out of range 0..{n} for {track.name}")
+        if out is not None:
+            return self._rows_into(track, row_lo, row_hi, out)
         pieces = []
         for s, first, end in self._owned(track.stream):
             lo, hi = max(row_lo, first), min(row_hi, end)
@@ -321,6 +318,27 @@ class DkvSession:
             return np.empty((0, track.n_values), element_view_dtype(track.ggml_type))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def _rows_into(self, track: Track, row_lo: int, row_hi: int, out: np.ndarray) -> np.ndarray:
+        dtype = element_view_dtype(track.ggml_type)
+        if out.shape != (row_hi - row_lo, track.n_values) or out.dtype != dtype or not out.flags.c_contiguous:
+            raise DeltaKVError(f"out for rows {row_lo}..{row_hi} of {track.name}: expected a C-contiguous "
+                               f"{(row_hi - row_lo, track.n_values)} {dtype} array, found {out.shape} {out.dtype}")
+        for s, first, end in self._owned(track.stream):
+            lo, hi = max(row_lo, first), min(row_hi, end)
+            if lo >= hi:
+                continue
+            parts = self._parts(track, s)
+            context = self.track_context(track, s) if track.codec.takes_context else None
+            track.codec.decode(parts, track.ggml_type, track.n_values, lo - first, hi - first,
+                               out=out[lo - row_lo:hi - row_lo], context=context)
+        return out
+
+    def release_decode_caches(self) -> None:
+        """Drop the cell positions and rotary tables kept for decoding (a streamed rebuild calls it
+        between streams, so that what it holds does not grow with the number of streams)."""
+        self._positions.clear()
+        self._rope_tables.clear()
+
     def track_context(self, track: Track, segment: int) -> TrackContext:
         """What a codec that takes context needs for a segment: the positions of its cells, its first row."""
         key = (track.stream, segment)
@@ -329,7 +347,9 @@ class DkvSession:
             rows = int(self.seg_rows[segment, track.stream])
             positions = cell_positions(self.segment_cells(track.stream, segment), rows, self.stream_ext[track.stream])
             self._positions[key] = positions
-        return TrackContext(positions=positions, first_row=int(self.seg_first_row[segment, track.stream]))
+        tables = self._rope_tables.setdefault(key, {})
+        return TrackContext(positions=positions, first_row=int(self.seg_first_row[segment, track.stream]),
+                            rope_tables=tables)
 
     def segment_cells(self, stream: int, segment: int) -> np.ndarray:
         """The cell records segment ``segment`` stores for ``stream`` (bytes; empty if none)."""
@@ -342,47 +362,12 @@ class DkvSession:
                               self.stream_ext[stream], stream)
 
     def to_llama_state(self) -> LlamaState:
-        """Decode everything and rebuild the llama.cpp state it came from."""
-        sections = []
-        stream_iter = 0
-        by_stream = tracks_by_stream(self.tracks)
-        for i, kind in enumerate(self.section_kind):
-            if kind == "opaque":
-                name = section_tensor(i)
-                data = self.file.tensor(name).reshape(-1) if self.file.has_tensor(name) else np.empty(0, np.uint8)
-                sections.append(OpaqueSection(self.section_role[i], memoryview(data.tobytes())))
-                continue
-            streams = []
-            while stream_iter < len(self.stream_section) and self.stream_section[stream_iter] == i:
-                g = stream_iter
-                n = self.stream_cells[g]
-                layers = {"k": [], "v": []}
-                for t in by_stream.get(g, []):
-                    rows = self.rows(t)
-                    kv = KVTensor(t.ggml_type, n, source_n_values(t), t.transposed,
-                                  KVTensor.payload_from_rows(rows, t.transposed))
-                    layers[t.id.role].append(kv)
-                rot = None if self.stream_rot_k[g] < 0 else (self.stream_rot_k[g], self.stream_rot_v[g])
-                streams.append(KVStream(
-                    cell_count=n, cells=memoryview(self.cells(g)), cell_ext_bytes=self.stream_ext[g],
-                    v_trans=None if self.stream_v_trans[g] < 0 else self.stream_v_trans[g],
-                    n_layer=None if self.stream_n_layer[g] < 0 else self.stream_n_layer[g], rot=rot,
-                    k=layers["k"], v=layers["v"],
-                ))
-                stream_iter += 1
-            sections.append(KVCacheSection(bool(self.section_has_n_stream[i]), streams))
-        if self.token_format == "plain":
-            token_words = memoryview(self.tokens().astype("<i4").tobytes())
-        elif self.token_format == "packed":
-            token_words = memoryview(self.file.tensor(TOKEN_BLOB).reshape(-1).tobytes())
-        else:
-            token_words = None
-        arch = self.arch
-        return LlamaState(
-            framing=self.framing, layout=self.layout, file_version=self.file_version, token_words=token_words,
-            seq_prefix_id=self.seq_prefix_id, arch=arch, arch_bytes=None if arch is None else arch.encode("utf-8"),
-            sections=sections,
-        )
+        """Decode everything and rebuild the llama.cpp state it came from (a typed state holding
+        every payload; ``session_rebuild.rebuild_into`` / ``iter_rebuilt_chunks`` give its bytes in
+        one buffer, or streamed, without holding them twice)."""
+        from .session_rebuild import session_state
+
+        return session_state(self, lambda t, n: KVTensor.payload_from_rows(self.rows(t), t.transposed))
 
     # -- sizes -----------------------------------------------------------------------
 

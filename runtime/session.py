@@ -25,10 +25,11 @@ from deltakv_format.codecs import Codec, get_codec, use_accelerator
 from deltakv_format.constants import DEFAULT_CODEC, FLOAT_TYPES, GGMLType, GGUFValueType
 from deltakv_format.errors import DeltaKVError, SessionMismatchError
 from deltakv_format.gguf_io import KeyValue
-from deltakv_format.llama_state import file_version_for, parse_state, write_state
+from deltakv_format.llama_state import file_version_for, parse_state
 from deltakv_format.model_info import ModelInfo
 from deltakv_format.operations import opened_session
 from deltakv_format.session_append import WholeStateNeeded
+from deltakv_format.session_rebuild import rebuild_into
 from deltakv_format.session import (
     DkvSession,
     TrackId,
@@ -108,12 +109,14 @@ def seq_state_bytes(llm, seq_id: int = 0) -> memoryview:
     return memoryview(buf).cast("B")[:n]
 
 
-def set_seq_state_bytes(llm, blob: bytes, seq_id: int = 0) -> int:
-    """llama_state_seq_set_data from ``blob`` without copying it (llama.cpp only reads the buffer);
-    returns the bytes llama.cpp read (0 when it refused the state)."""
+def set_seq_state_bytes(llm, blob, seq_id: int = 0) -> int:
+    """llama_state_seq_set_data from ``blob`` (bytes, a numpy uint8 array, any contiguous buffer)
+    without copying it (llama.cpp only reads the buffer); returns the bytes llama.cpp read (0 when
+    it refused the state)."""
     lc = _llama_cpp()
-    src = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
-    return lc.llama_state_seq_set_data(llm.ctx, src, len(blob), seq_id)
+    view = np.frombuffer(blob, np.uint8)
+    src = ctypes.cast(ctypes.c_void_p(view.ctypes.data), ctypes.POINTER(ctypes.c_uint8))
+    return lc.llama_state_seq_set_data(llm.ctx, src, view.size, seq_id)
 
 
 def _check_seq_id(llm, seq_id: int) -> None:
@@ -358,34 +361,58 @@ def _check_fits(llm, session: DkvSession, seq_id: int, live: LlamaState | None =
     return live
 
 
-def load(llm, path, *, seq_id: int = 0) -> int:
+def _check_size(llm, session: DkvSession, seq_id: int, path) -> None:
+    """The session fits the context's size: checked first, from the header alone."""
+    cells = max(session.stream_cells, default=0)
+    if cells > llm.n_ctx():
+        raise SessionMismatchError(f"{path} holds {cells} cells; this context has n_ctx = {llm.n_ctx()}")
+    # llama-cpp-python sizes its token list by the n_ctx it was given; llama.cpp may pad its own.
+    room = min(len(llm.input_ids), llm.n_ctx())
+    if seq_id == 0 and session.n_tokens > room:
+        raise SessionMismatchError(f"{path} holds {session.n_tokens} tokens; this context has n_ctx = {room}")
+
+
+def load(llm, path, *, seq_id: int = 0, seconds: dict | None = None) -> int:
     """Load a .dkv (a path or a store URL) into ``llm`` (a Llama of the same model) as sequence ``seq_id``; returns the token count.
 
     Afterwards ``llm.create_completion`` / ``llm.generate`` continue where the session stopped (for
     sequence 0, the one llama-cpp-python's Llama tracks: its token list becomes the session's; for
-    another sequence that list is left alone). On a mismatch (another model, layer count, KV type,
-    V layout, stream count, a context too small) raises SessionMismatchError before llama.cpp is
-    asked; if llama.cpp itself refuses the state, the sequence is put back as it was.
+    another sequence that list is left alone). On a mismatch (a context too small, checked first;
+    another model, layer count, KV type, V layout, stream count) raises SessionMismatchError before
+    llama.cpp is asked; if llama.cpp itself refuses the state, the sequence is put back as it was.
+
+    The state is rebuilt once, into the one buffer ``llama_state_seq_set_data`` reads (every track
+    decoded in place, ``session_rebuild.rebuild_into``); the .dkv is read through its mapping.
+    ``seconds`` (a dict) gets where the time went: ``open`` (header, checks), ``read`` (the file's
+    tensors through the mapping, checksums), ``decode`` (planning and decoding into the buffer),
+    ``set_data`` (llama.cpp taking it).
     """
+    seconds = {} if seconds is None else seconds
+    t0 = time.perf_counter()
     with opened_session(path) as session:  # a path, or a store URL (redis://, s3://, ...)
-        live = _check_fits(llm, session, seq_id)
-        tokens = session.tokens()
-        if tokens is None:
+        _check_size(llm, session, seq_id, path)
+        if session.token_format != "plain":
             raise DeltaKVError(f"{path} holds no token list (it was not saved from a session or sequence file)")
-        # llama-cpp-python sizes its token list by the n_ctx it was given; llama.cpp may pad its own.
-        if seq_id == 0 and len(tokens) > min(len(llm.input_ids), llm.n_ctx()):
-            raise SessionMismatchError(f"{path} holds {len(tokens)} tokens; this context has n_ctx = "
-                                       f"{min(len(llm.input_ids), llm.n_ctx())}")
+        _check_seq_id(llm, seq_id)
+        live_blob = seq_state_bytes(llm, seq_id)  # the context's own structure, and what to put back on refusal
+        live = _check_fits(llm, session, seq_id, live=parse_state(live_blob, framing=Framing.SEQ_STATE))
+        tokens = session.tokens()
+        steps = {}
+        t1 = time.perf_counter()
         with accelerated():
-            state = session.to_llama_state()
-    blob = write_state(state, framing=Framing.SEQ_STATE)
+            blob = rebuild_into(session, framing=Framing.SEQ_STATE, seconds=steps)
+    t2 = time.perf_counter()
     had_cells = any(st.cell_count for sec in live.kv_sections for st in sec.streams)
-    previous = bytes(seq_state_bytes(llm, seq_id)) if had_cells else None
+    del live
+    previous = live_blob if had_cells else None
+    live_blob = None
     n = set_seq_state_bytes(llm, blob, seq_id)
-    if n != len(blob):
+    seconds.update(open=t1 - t0 + steps["plan"], read=steps["read"], decode=steps["decode"],
+                   set_data=time.perf_counter() - t2)
+    if n != blob.size:
         if previous is not None:
             set_seq_state_bytes(llm, previous, seq_id)
-        raise SessionMismatchError(f"llama.cpp refused the restored state of {path} (read {n} of {len(blob)} bytes); "
+        raise SessionMismatchError(f"llama.cpp refused the restored state of {path} (read {n} of {blob.size} bytes); "
                                    f"sequence {seq_id} was left as it was")
     if seq_id == 0:
         llm.input_ids[: len(tokens)] = tokens

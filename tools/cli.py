@@ -366,14 +366,43 @@ def bench_codec(rows, values, layers, repeat, codecs, source):
 
 
 @bench.command("resume")
-@click.option("--tokens", type=int, default=2048, show_default=True)
+@click.option("--tokens", "tokens_list", default="2048,16384", show_default=True, metavar="N[,N...]",
+              help="Session sizes in tokens, comma-separated.")
 @click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 100), default=3, show_default=True, help="Rounds per size.")
+@click.option("--warm-only", is_flag=True, help="Skip the cold runs (page cache dropped for the file before each).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the session files go (default: a temp folder); cold runs need a disk, not tmpfs.")
 @friendly_errors
-def bench_resume(tokens, codec):
-    """Resume from .dkv vs llama_state_seq_load_file vs re-evaluating the prompt (SmolLM2)."""
+def bench_resume(tokens_list, codec, repeat, warm_only, workdir):
+    """Resume from .dkv vs llama_state_seq_load_file vs re-evaluating the prompt, warm and cold (SmolLM2)."""
     from .measure.bench_runtime import bench_resume as run
 
-    click.echo(run(tokens=tokens, codec=codec))
+    try:
+        sizes = [int(x) for x in tokens_list.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated token counts such as 2048,16384, found {tokens_list!r}",
+                                 param_hint="--tokens") from None
+    if not sizes or min(sizes) < 16:
+        raise click.BadParameter(f"expected token counts of at least 16, found {tokens_list!r}", param_hint="--tokens")
+    click.echo(run(tokens=sizes, codec=codec, repeat=repeat, cold=not warm_only, workdir=workdir))
+
+
+@bench.command("memory")
+@click.option("--small", type=click.IntRange(16, None), default=2048, show_default=True, help="Tokens of the small real session.")
+@click.option("--large", type=click.IntRange(16, None), default=8192, show_default=True, help="Tokens of the large real session.")
+@click.option("--synthetic-mb", type=click.IntRange(1, None), default=1500, show_default=True,
+              help="At least this many MB of state in the synthetic session (the large one's cells tiled).")
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True)
+@click.option("--skip-old", is_flag=True, help="Leave out the whole-state restore (the path before streaming).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Where the files go (default: a temp folder).")
+@friendly_errors
+def bench_memory(small, large, synthetic_mb, codec, skip_old, workdir):
+    """Peak RSS of `deltakv convert` and `deltakv restore` at 2k, 8k tokens and a large synthetic session (SmolLM2)."""
+    from .measure.bench_memory import bench_memory as run
+
+    click.echo(run(small=small, large=large, synthetic_bytes=synthetic_mb * 1_000_000, codec=codec,
+                   old_restore=not skip_old, workdir=workdir))
 
 
 @bench.command("store")

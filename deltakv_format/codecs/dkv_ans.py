@@ -23,7 +23,7 @@ where the model's rotary parameters are unknown).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -52,6 +52,10 @@ class TrackContext:
 
     positions: np.ndarray | None = None
     first_row: int = 0
+    # Decoders' rotary tables for these positions, shared by the layers that decode the same rows
+    # with the same frequencies (a reader passes one dict per stream segment; None: not kept).
+    # Tables are pure functions of (positions, thetas), so sharing them changes no bit.
+    rope_tables: dict | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -218,6 +218,19 @@ class DkvAnsCodec(Codec):
         positions = self._positions(context, n_sink + clo, n_sink + chi, DECODE_WHERE) if self.rope else None
         return CodedRows(clo, chi, words, head, positions, out[max(row_lo, n_sink) - row_lo:])
 
+    def _decode_rope_table(self, context, coded, n_sink: int) -> np.ndarray:
+        """The rotary table of the coded rows' positions; computed once per segment row range and
+        frequency set where the context keeps tables (every K layer of a stream asks for the same one)."""
+        thetas = self.thetas
+        cache = None if context is None else context.rope_tables
+        if cache is None:
+            return ans.rope_table(coded.positions, thetas)
+        key = (n_sink + coded.first, n_sink + coded.end, thetas.tobytes())  # rows of the segment
+        table = cache.get(key)
+        if table is None:
+            table = cache[key] = ans.rope_table(coded.positions, thetas)
+        return table
+
     def _decode(self, parts, ggml_type, n_values, row_lo, row_hi, out, context=None):
         out = self._out(out, row_hi - row_lo, n_values, ggml_type)
         if row_hi <= row_lo:
@@ -226,7 +239,7 @@ class DkvAnsCodec(Codec):
         if coded is None:
             return out
         head = coded.head
-        table = ans.rope_table(coded.positions, self.thetas) if self.rope else np.empty((0, 0, 2), np.float32)
+        table = self._decode_rope_table(context, coded, parts["sink"].shape[0]) if self.rope else np.empty((0, 0, 2), np.float32)
         bad = ans.decode_streams(coded.words, head.starts, coded.words.size, head.n_rows, self.stream_rows,
                                  head.classes, head.shifts, head.freqs, head.step, head.means, KIND_OF_TYPE[ggml_type],
                                  table, self.head_dim, self.rope_dims, self.rope, coded.first, coded.end, coded.out)

@@ -33,49 +33,120 @@ def _header(what: str) -> list[str]:
             f"{os.cpu_count()} CPUs, model {smollm2().name}"]
 
 
-def bench_resume(*, tokens: int = 2048, codec: str = DEFAULT_CODEC, repeat: int = 3) -> str:
-    """Load a .dkv vs llama.cpp's own llama_state_seq_load_file of the same session vs re-evaluating."""
+def drop_from_page_cache(path) -> None:
+    """Evict ``path``'s pages from the page cache (posix_fadvise DONTNEED after an fsync: clean
+    pages only can be dropped), so that the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _read_seconds(path) -> float:
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(8 << 20):
+            pass
+    return time.perf_counter() - t
+
+
+RESUME_STEPS = ("open", "read", "decode", "set_data")
+
+
+def bench_resume(*, tokens: int | list[int] = (2048, 16384), codec: str = DEFAULT_CODEC, repeat: int = 3,
+                 cold: bool = True, workdir=None) -> str:
+    """Load a .dkv vs llama.cpp's own llama_state_seq_load_file of the same session vs re-evaluating,
+    per session size, with the page cache warm and cold.
+
+    One context per size (SmolLM2, flash attention, n_ctx = tokens + 64): the prompt is evaluated
+    once (that time is the re-evaluation row), saved as .dkv and as a ggsq (llama_state_seq_save_file).
+    Then ``repeat`` rounds, each timing, in an order that alternates from round to round, a warm
+    deltakv load, a warm native load, and (``cold``) the same two after posix_fadvise(DONTNEED) of
+    the file read; the sequence is cleared before each. deltakv's time is split into load's steps
+    (``seconds``: open, read through the mapping, decode into the state buffer, set_data)."""
+    import statistics
+
     import llama_cpp
     from llama_cpp import Llama
 
-    tmp = Path(tempfile.mkdtemp(prefix="deltakv-bench-"))
-    llm = Llama(str(smollm2()), n_ctx=tokens + 64, flash_attn=True, verbose=False)
-    toks = _tokens(llm, tokens)
-    t = time.perf_counter()
-    llm.eval(toks)
-    t_eval = time.perf_counter() - t
-    dkv, ggsq = tmp / "s.dkv", tmp / "s.ggsq"
-    save(llm, dkv, codec=codec)
-    arr = (llama_cpp.llama_token * len(toks))(*toks)
-    llama_cpp.llama_state_seq_save_file(llm.ctx, str(ggsq).encode(), 0, arr, len(toks))
+    sizes = [tokens] if isinstance(tokens, int) else list(tokens)
+    tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="deltakv-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    _warm_up(tmp, codec)
+    rows, notes = [], []
+    for size in sizes:
+        llm = Llama(str(smollm2()), n_ctx=size + 64, n_batch=512, flash_attn=True, verbose=False)
+        toks = _tokens(llm, size)
+        t = time.perf_counter()
+        llm.eval(toks)
+        t_eval = time.perf_counter() - t
+        dkv, ggsq = tmp / f"s{size}.dkv", tmp / f"s{size}.ggsq"
+        save(llm, dkv, codec=codec)
+        arr = (llama_cpp.llama_token * len(toks))(*toks)
+        llama_cpp.llama_state_seq_save_file(llm.ctx, str(ggsq).encode(), 0, arr, len(toks))
+        buf = (llama_cpp.llama_token * (size + 64))()
+        n_read = ctypes.c_size_t(0)
 
-    def best(fn):
-        out = float("inf")
-        for _ in range(repeat):
+        def clear():
             llm.reset()
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-            t = time.perf_counter()
-            fn()
-            out = min(out, time.perf_counter() - t)
-        return out
 
-    load(llm, dkv)  # warm: Numba's kernel cache
-    t_dkv = best(lambda: load(llm, dkv))
-    buf = (llama_cpp.llama_token * (tokens + 64))()
-    n = ctypes.c_size_t(0)
-    t_ggsq = best(lambda: llama_cpp.llama_state_seq_load_file(llm.ctx, str(ggsq).encode(), 0, buf, tokens + 64, ctypes.byref(n)))
-    llm.close()
+        def run_dkv(steps):
+            load(llm, dkv, seconds=steps)
+
+        def run_native(steps):
+            got = llama_cpp.llama_state_seq_load_file(llm.ctx, str(ggsq).encode(), 0, buf, size + 64,
+                                                      ctypes.byref(n_read))
+            if got == 0 or n_read.value != size:
+                raise RuntimeError(f"llama_state_seq_load_file of {ggsq} failed ({got}, {n_read.value} tokens)")
+
+        kinds = [("deltakv", "warm"), ("native", "warm")] + ([("deltakv", "cold"), ("native", "cold")] if cold else [])
+        times = {k: [] for k in kinds}
+        steps = {k: [] for k in kinds}
+        cold_reads = {"dkv": [], "ggsq": []}
+        for i in range(repeat):
+            order = kinds if i % 2 == 0 else kinds[::-1]
+            for who, cache in order:
+                path = dkv if who == "deltakv" else ggsq
+                clear()
+                if cache == "cold":
+                    drop_from_page_cache(path)
+                else:
+                    _read_seconds(path)  # in the page cache for sure
+                step = {}
+                t = time.perf_counter()
+                (run_dkv if who == "deltakv" else run_native)(step)
+                times[who, cache].append(time.perf_counter() - t)
+                steps[who, cache].append(step)
+            for name, path in (("dkv", dkv), ("ggsq", ggsq)):
+                drop_from_page_cache(path)
+                cold_reads[name].append(_read_seconds(path))
+        llm.close()
+        for cache in ("warm", "cold") if cold else ("warm",):
+            d, nat = times["deltakv", cache], times["native", cache]
+            med = {s: statistics.median(x.get(s, 0.0) for x in steps["deltakv", cache]) for s in RESUME_STEPS}
+            rows.append((size, cache, min(d), statistics.median(d), min(nat), statistics.median(nat), t_eval, med,
+                         os.path.getsize(dkv), os.path.getsize(ggsq)))
+        notes.append(f"{size} tokens: reading the whole file with the page cache dropped (plain read, median of "
+                     f"{repeat}): .dkv {statistics.median(cold_reads['dkv']):.3f} s, ggsq "
+                     f"{statistics.median(cold_reads['ggsq']):.3f} s")
     lines = _header("resume") + [
-        f"session: {tokens} tokens; .dkv ({codec}) {os.path.getsize(dkv) / 1e6:.1f} MB, ggsq {os.path.getsize(ggsq) / 1e6:.1f} MB",
         "",
-        "| resume by | seconds | vs llama_state_seq_load_file |",
-        "|---|---|---|",
-        f"| deltakv load (.dkv, decode + llama_state_seq_set_data) | {t_dkv:.3f} | {t_dkv / t_ggsq:.2f}x |",
-        f"| llama_state_seq_load_file (ggsq, f16) | {t_ggsq:.3f} | 1.00x |",
-        f"| re-evaluating the prompt | {t_eval:.3f} | {t_eval / t_ggsq:.2f}x |",
-        "",
-        f"best of {repeat} (re-evaluation: one run); files in {tmp}, page cache warm.",
+        "| tokens | page cache | .dkv MB | ggsq MB | deltakv load: best, s | median, s | llama_state_seq_load_file: "
+        "best, s | median, s | deltakv / native (median) | re-evaluation, s | open | read | decode | set_data |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    for size, cache, d_best, d_med, n_best, n_med, t_eval, med, dkv_bytes, ggsq_bytes in rows:
+        lines.append(f"| {size} | {cache} | {dkv_bytes / 1e6:.1f} | {ggsq_bytes / 1e6:.1f} | {d_best:.3f} | {d_med:.3f} "
+                     f"| {n_best:.3f} | {n_med:.3f} | {d_med / n_med:.2f}x | {t_eval:.1f} | "
+                     + " | ".join(f"{med[s]:.3f}" for s in RESUME_STEPS) + " |")
+    lines += ["", f"codec {codec}; {repeat} rounds, orders alternating; re-evaluation: one run (llm.eval of the "
+                  "prompt, n_batch 512). Steps: medians of deltakv load's seconds (open: header and checks against "
+                  "the context; read: the tensors through the mapping, read-ahead and checksums; decode: every "
+                  "track into the state buffer; set_data: llama_state_seq_set_data). cold: posix_fadvise(DONTNEED) "
+                  "of the file just before the run.", *notes, f"files in {tmp}"]
     return "\n".join(lines)
 
 
