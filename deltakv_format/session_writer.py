@@ -2,7 +2,8 @@
 
 :func:`write_session` plans one track per layer K/V of every stream, codes every track's rows, and
 writes the key-values of :data:`~deltakv_format.session_schema.SESSION_KEYS` with the tensors in one
-atomic write; to a file, the tensors go to disk track by track as they are coded (a TensorSpool). It returns a :class:`WrittenSession`: what was written, without reading the file back.
+atomic write; to a file, the tensors go to disk track by track as they are coded (a TensorSpool).
+It returns a :class:`WrittenSession`: what was written, without reading the file back.
 """
 
 from __future__ import annotations
