@@ -146,6 +146,29 @@ class MappedFile:
         size = os.fstat(self._f.fileno()).st_size
         self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self.buf = memoryview(self._map) if self._map is not None else memoryview(b"")
+        # the map's address, to find a view's offset in it (release); the array goes at once, so that
+        # it holds no export that would keep close() from closing the map
+        self._base = np.frombuffer(self._map, np.uint8).ctypes.data if self._map is not None else 0
+
+    def release(self, view) -> None:
+        """Take the pages under ``view`` (a part of ``buf``, e.g. a parsed cache tensor's bytes) out
+        of this process's resident set (madvise DONTNEED; the page cache keeps them and a later read
+        maps them again): convert calls it on what it has coded, so that its resident set does not
+        grow with the input. A no-op for a view outside the map or where there is no madvise."""
+        advise = getattr(mmap, "MADV_DONTNEED", None)
+        if self._map is None or advise is None:
+            return
+        view = memoryview(view)
+        if not view.nbytes or not view.c_contiguous:
+            return
+        start = np.frombuffer(view.cast("B"), np.uint8).ctypes.data - self._base
+        if start < 0 or start + view.nbytes > len(self._map):
+            return  # not a part of this map (a copy)
+        first = start - start % mmap.PAGESIZE
+        try:
+            self._map.madvise(advise, first, start + view.nbytes - first)
+        except (OSError, ValueError):
+            pass  # advice only
 
     def close(self):
         try:
@@ -251,7 +274,7 @@ def convert(in_path, out_path, *, codec=DEFAULT_CODEC, keyframe_interval=None, m
             written = DkvSession.from_buffer(data, name=store.locate(entry_name), verify_checksums=False)
         else:
             with writing(out_path):
-                written = write_session(state, out_path, codec_obj, **options)
+                written = write_session(state, out_path, codec_obj, release=mapped.release, **options)
         source_bytes = len(mapped.buf)
         del state
     stats = written.stats()

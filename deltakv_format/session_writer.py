@@ -2,7 +2,8 @@
 
 :func:`write_session` plans one track per layer K/V of every stream, codes every track's rows, and
 writes the key-values of :data:`~deltakv_format.session_schema.SESSION_KEYS` with the tensors in one
-atomic write. It returns a :class:`WrittenSession`: what was written, without reading the file back.
+atomic write; to a file, the tensors go to disk track by track as they are coded (a TensorSpool).
+It returns a :class:`WrittenSession`: what was written, without reading the file back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 from .codecs import Codec, TrackContext, codec_for_role, codec_for_track, get_codec
 from .codecs.transcode import TranscodedCodec, transcoded
 from .constants import DEFAULT_CODEC, DEFAULT_V_CODEC, HEADER_RESERVE_APPENDS, GGMLType
-from .container import TensorData, base_kvs, write_container, write_container_to
+from .container import TensorData, base_kvs, write_container_to
+from .container_spool import TensorSpool
 from .errors import CodecError, CorruptError
 from .gguf_io import KeyValue
 from .session_reader import DkvSession
@@ -280,7 +282,8 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
                   k_codec: Codec | str | None = None, v_codec: Codec | str | None = None,
                   extra_kvs: list[KeyValue] = (), extra_tensors: list[TensorData] = (),
                   track_codecs: list[Codec] | None = None, to=None, rope=None,
-                  bits: float | None = None, transcode: bool = False) -> WrittenSession | None:
+                  bits: float | None = None, transcode: bool = False, release=None,
+                  spool_seen=None) -> WrittenSession | None:
     """Store ``state`` as a new .dkv at ``path`` (atomically); returns what was written
     (:meth:`WrittenSession.open` reads it back).
 
@@ -304,6 +307,12 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
     decoded to values, coded with the codec of their role (``k_codec`` / ``v_codec`` / ``codec`` as
     above) and re-quantized to the cache's own type on restore: smaller, lossy in values only
     (SPEC.md 6.6, eval/transcode/). Without it (the default) they are stored raw, byte-exact.
+    ``release(view)``: called with each cache tensor's source bytes once they are coded and written
+    (:func:`session_tensor_groups`); convert drops the mapped input's pages with it, so that its
+    resident set does not grow with the state. ``spool_seen(spool)``: given the TensorSpool once the
+    file is written (tests check what was held at a time).
+    A file is written track by track through a :class:`~deltakv_format.container_spool.TensorSpool`:
+    the coded data held at a time is one track's; ``to=`` takes the whole session in memory.
     ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
     ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
     """
@@ -313,11 +322,54 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
     codec_of_role = codecs_of_roles(codec, k_codec, v_codec, bits)
     codec = codec_for_role(codec, "v")  # deltakv.codec: the codec asked for
     tracks = plan_tracks(state, codec_of_role, track_codecs, rope, transcode)
+    streams = live_streams(state)
+    groups = session_tensor_groups(state, tracks, progress, release)
+
+    def header_kvs():
+        # after every track is coded: a transcoded track may have fallen back to raw meanwhile
+        cells = [s.cell_count for _, s in streams]
+        tokens = state.tokens()
+        n_tokens = 0 if tokens is None else len(tokens)
+        return (session_kvs(state, codec.name, tracks, [0] * len(streams), cells, [0], [n_tokens], cells)
+                + list(extra_kvs))
+
+    def growth():
+        return segment_header_growth(tracks, len(streams), token_format_of(state), 1)  # also after coding
+
+    if to is not None:
+        written = [t for group in groups for t in group] + list(extra_tensors)
+        write_container_to(to, header_kvs(), written, growth=growth())
+        return None
+    # To a file: each group goes to disk as soon as it is coded (TensorSpool), so the coded data held
+    # at a time is one track's, whatever the session's size.
+    with TensorSpool(path) as spool:
+        for group in groups:
+            for t in group:
+                spool.add(t)
+        for t in extra_tensors:
+            spool.add(t)
+        file_size = spool.write_container(header_kvs(), growth=growth())
+        if spool_seen is not None:
+            spool_seen(spool)
+    cells = [s.cell_count for _, s in streams]
+    return WrittenSession(Path(path), codec.name, tracks, cells, spool.tensor_bytes(), file_size)
+
+
+def session_tensor_groups(state: LlamaState, tracks: list[Track], progress=None, release=None):
+    """The tensors of a new session in file order, in groups (a small tensor, or one track's coded
+    parts) that a writer can put on disk before the next is made. ``release(view)`` is called with a
+    cache tensor's source bytes once the group coded from them has been taken (the next group is
+    asked for): a reader of a mapped state drops those pages (MappedFile.release)."""
     tensors = SessionTensors()
+
+    def taken():
+        group = tensors.tensors
+        tensors.tensors = []
+        return group
+
     tokens = state.tokens()
     if state.token_words is not None and tokens is None:
         tensors.add(TOKEN_BLOB, GGMLType.I8, np.frombuffer(state.token_words, np.uint8))
-    n_tokens = 0 if tokens is None else len(tokens)
     if tokens is not None:
         tensors.add(tokens_tensor(0), GGMLType.I32, tokens)
     for i, sec in enumerate(state.sections):
@@ -326,31 +378,25 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
     streams = live_streams(state)
     for g, (_, stream) in enumerate(streams):
         tensors.add(cells_tensor(g, 0), GGMLType.I8, np.frombuffer(stream.cells, np.uint8))
+    yield taken()
     by_stream = tracks_by_stream(tracks)
     for g, (_, stream) in enumerate(streams):
         context = stream_context(stream, by_stream.get(g, []), 0, stream.cell_count)
         for track, (_, kv) in zip(by_stream.get(g, []), live_tracks(g, stream)):
-            first_tensor = len(tensors.tensors)
             tensors.add_track_segment(track, 0, track_rows(kv), track.name, context)
             if isinstance(track.codec, TranscodedCodec):
-                coded = sum(t.nbytes() for t in tensors.tensors[first_tensor:])
+                coded = sum(t.nbytes() for t in tensors.tensors)
                 if coded >= kv.row_bytes * kv.cell_count:
                     # a transcoded track no smaller than its blocks (a q4_0 cache at the default rates)
                     # would only lose values: it stays raw, exact (SPEC.md 6.6)
-                    del tensors.tensors[first_tensor:]
+                    tensors.tensors = []
                     track.codec = get_codec("raw")
                     tensors.add_track_segment(track, 0, track_rows(kv), track.name, context)
             if progress is not None:
                 progress(track.name)
-    cells = [s.cell_count for _, s in streams]
-    kvs = session_kvs(state, codec.name, tracks, [0] * len(streams), cells, [0], [n_tokens], cells) + list(extra_kvs)
-    written = tensors.tensors + list(extra_tensors)
-    growth = segment_header_growth(tracks, len(streams), token_format_of(state), 1)
-    if to is not None:
-        write_container_to(to, kvs, written, growth=growth)
-        return None
-    file_size = write_container(path, kvs, written, growth=growth)
-    return WrittenSession(Path(path), codec.name, tracks, cells, {t.name: t.nbytes() for t in written}, file_size)
+            yield taken()
+            if release is not None:
+                release(kv.data)
 
 
 def session_bytes(state: LlamaState, codec: Codec | str = DEFAULT_CODEC, **options) -> bytes:

@@ -262,11 +262,17 @@ def test_write_errors_name_the_output_not_its_temporary_file(tmp_path, monkeypat
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    with monkeypatch.context() as m:  # fails half-way: the temporary file exists by then
-        m.setattr(container, "_write_tensors", disk_full)
-        r = cli("convert", FIXTURES / "smollm2_v10_fa1.ggsn", "-o", out, "-q")
-    assert r.exit_code == 2 and r.output == f"deltakv: error: cannot write {out}: No space left on device\n", r.output
-    assert list(tmp_path.iterdir()) == []
+    import deltakv_format.container_spool as container_spool
+
+    # fails half-way: the temporary file exists by then (convert writes through a TensorSpool: its
+    # copy into the temporary file, and before that its own spool file)
+    for module, name in [(container_spool, "_copy_data"), (container_spool.TensorSpool, "add")]:
+        with monkeypatch.context() as m:
+            m.setattr(container, "_write_tensors", disk_full)
+            m.setattr(module, name, disk_full)
+            r = cli("convert", FIXTURES / "smollm2_v10_fa1.ggsn", "-o", out, "-q")
+        assert r.exit_code == 2 and r.output == f"deltakv: error: cannot write {out}: No space left on device\n", (name, r.output)
+        assert list(tmp_path.iterdir()) == [], name
 
 
 # ---- --model: a model that does not fit the state; layer counts ---------------------------------

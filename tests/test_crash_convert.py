@@ -45,6 +45,13 @@ def arm(step):
             real(f, tensors[: len(tensors) // 2], infos[: len(infos) // 2], data_start, progress)
             f.flush(); os.fsync(f.fileno()); die()
         container._write_tensors = half
+        # convert writes through a TensorSpool: its copy of the spooled data into the temporary file
+        import deltakv_format.container_spool as spool
+        real_copy = spool._copy_data
+        def half_copy(src_fd, dst_fd, size, dst_offset):
+            real_copy(src_fd, dst_fd, size // 2, dst_offset)
+            os.fsync(dst_fd); die()
+        spool._copy_data = half_copy
     elif step == "before-fsync":  # data and final header written, not yet fsynced
         os.fsync = die
     elif step == "before-rename":  # temporary file complete and durable
