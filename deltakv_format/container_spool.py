@@ -11,7 +11,10 @@ data after it (copy_file_range: no pass through this process's memory), fsync, r
 (:func:`container.replacing_file`). The bytes are write_container's, byte for byte.
 
 The cost: the data is written twice (spool, then output) and the folder holds both until the copy
-ends. The spool is unlinked from the start (O_TMPFILE where the platform has it), so a killed
+ends. So a spool holds its tensors in memory (references, no copies) while the data section fits
+``MEMORY_BUDGET`` and goes to disk only past it: the everyday session (a few thousand tokens, tens
+of MB coded) is written once, as write_container writes it, and memory stays within that fixed
+budget plus one track at any size. The spool is unlinked from the start (O_TMPFILE where the platform has it), so a killed
 writer leaves no spool behind; the output's own temporary file is cleaned as before.
 """
 
@@ -22,6 +25,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import container
 from .container import TensorData, _as_bytes, build_header, crc32c, recover_journal, replacing_file
 from .constants import ALIGNMENT
 from .errors import DeltaKVError
@@ -30,6 +34,9 @@ from .gguf_io import KeyValue, TensorInfo, align_up
 COPY_CHUNK = 8 << 20
 """Bytes per read/write where copy_file_range cannot be used (another filesystem, an old kernel):
 the fixed buffer of the fallback copy."""
+
+MEMORY_BUDGET = 64 << 20
+"""Bytes of coded data a spool keeps in memory before it moves them to its file (a fixed budget)."""
 
 _COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
@@ -41,13 +48,19 @@ class TensorSpool:
     context manager: the spool file is closed (and so deleted) however the block ends.
     ``largest_add``: the most bytes one ``add`` was given (what a caller holds at a time, for tests)."""
 
-    def __init__(self, path):
+    def __init__(self, path, *, memory_budget: int | None = None):
         self.path = Path(path)
-        self._file = tempfile.TemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".spool")
+        self.memory_budget = MEMORY_BUDGET if memory_budget is None else memory_budget
+        self._file = None  # the spool file, made once the data outgrows memory_budget
+        self._held: list[TensorData] = []  # the tensors added while it fits (written from here if it never does)
         self.infos: list[TensorInfo] = []
         self.crcs: list[int] = []
         self.size = 0  # bytes of the data section so far (relative to its start)
         self.largest_add = 0
+
+    @property
+    def on_disk(self) -> bool:
+        return self._file is not None
 
     def add(self, tensor: TensorData) -> None:
         """Append ``tensor`` at the next aligned offset (write_container's layout, layout_tensors)."""
@@ -56,13 +69,28 @@ class TensorSpool:
         info = TensorInfo(tensor.name, tuple(tensor.shape), tensor.ggml_type, offset)
         if len(raw) != info.nbytes:
             raise DeltaKVError(f"tensor {tensor.name!r}: {len(raw)} bytes given, its shape and type need {info.nbytes}")
-        if offset > self.size:
-            self._file.write(b"\0" * (offset - self.size))
-        self._file.write(raw)
+        if self._file is None and offset + info.nbytes > self.memory_budget:
+            self._move_to_disk()
+        if self._file is None:
+            self._held.append(tensor)
+        else:
+            self._write_at_end(raw, offset)
         self.infos.append(info)
         self.crcs.append(crc32c(raw))
         self.size = offset + info.nbytes
         self.largest_add = max(self.largest_add, info.nbytes)
+
+    def _write_at_end(self, raw, offset: int) -> None:
+        end = self._file.tell()
+        if offset > end:
+            self._file.write(b"\0" * (offset - end))
+        self._file.write(raw)
+
+    def _move_to_disk(self) -> None:
+        self._file = tempfile.TemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".spool")
+        for tensor, info in zip(self._held, self.infos):
+            self._write_at_end(_as_bytes(tensor.data), info.offset)
+        self._held = []
 
     def tensor_bytes(self) -> dict[str, int]:
         return {info.name: info.nbytes for info in self.infos}
@@ -75,16 +103,21 @@ class TensorSpool:
         # does (provisional, then with the CRCs at that data_start), keeps the bytes its bytes.
         data_start = len(build_header(kvs, self.infos, [0] * len(self.infos), None, growth))
         header = build_header(kvs, self.infos, self.crcs, data_start)
-        self._file.flush()
         with replacing_file(self.path) as f:
             f.write(header)
-            f.flush()
-            _copy_data(self._file.fileno(), f.fileno(), self.size, data_start)
-            f.seek(data_start + self.size)  # the copy does not move f's position; replacing_file fsyncs f
+            if self._file is None:  # it all fitted in memory: written once, as write_container writes it
+                container._write_tensors(f, self._held, self.infos, data_start)
+            else:
+                self._file.flush()
+                f.flush()
+                _copy_data(self._file.fileno(), f.fileno(), self.size, data_start)
+                f.seek(data_start + self.size)  # the copy does not move f's position; replacing_file fsyncs f
         return data_start + self.size
 
     def close(self) -> None:
-        self._file.close()
+        self._held = []
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self):
         return self

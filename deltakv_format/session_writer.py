@@ -312,7 +312,8 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
     resident set does not grow with the state. ``spool_seen(spool)``: given the TensorSpool once the
     file is written (tests check what was held at a time).
     A file is written track by track through a :class:`~deltakv_format.container_spool.TensorSpool`:
-    the coded data held at a time is one track's; ``to=`` takes the whole session in memory.
+    the coded data held is at most its fixed memory budget (``MEMORY_BUDGET``) plus one track's;
+    ``to=`` takes the whole session in memory.
     ``extra_kvs`` / ``extra_tensors`` carry an application's own metadata (keys outside
     ``deltakv.`` + ``general.``, or under ``deltakv.runtime.``); readers ignore what they do not know.
     """
@@ -340,8 +341,8 @@ def write_session(state: LlamaState, path=None, codec: Codec | str = DEFAULT_COD
         written = [t for group in groups for t in group] + list(extra_tensors)
         write_container_to(to, header_kvs(), written, growth=growth())
         return None
-    # To a file: each group goes to disk as soon as it is coded (TensorSpool), so the coded data held
-    # at a time is one track's, whatever the session's size.
+    # To a file: each group goes to the TensorSpool as soon as it is coded; past the spool's fixed memory
+    # budget it goes to disk, so the coded data held is that budget plus one track, whatever the session's size.
     with TensorSpool(path) as spool:
         for group in groups:
             for t in group:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from deltakv_format import operations
+from deltakv_format import container_spool, operations
 from deltakv_format.llama_state import parse_state
 from deltakv_format.model_info import ModelInfo
 from deltakv_format.session_writer import rope_for_state, session_bytes, write_session
@@ -57,8 +57,17 @@ def streamed_bytes(state_path: Path, variant: dict, out: Path) -> bytes:
     return out.read_bytes()
 
 
+@pytest.fixture(params=["in memory", "on disk"])
+def spool_mode(request, monkeypatch):
+    """Both ways a spool writes: its data kept in memory (within the budget: the everyday session)
+    and moved to its file (past it: budget 0 here, so that the fixtures take that path too)."""
+    if request.param == "on disk":
+        monkeypatch.setattr(container_spool, "MEMORY_BUDGET", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", STATES)
-def test_convert_is_byte_identical_to_the_in_memory_writer(name, tmp_path):
+def test_convert_is_byte_identical_to_the_in_memory_writer(name, tmp_path, spool_mode):
     for i, variant in enumerate(VARIANTS):
         got = streamed_bytes(FIXTURES / name, variant, tmp_path / f"{i}.dkv")
         assert got == in_memory_bytes(FIXTURES / name, variant), f"{name} {variant}"
@@ -82,7 +91,7 @@ def fresh_smollm2_state(tmp_path_factory) -> Path:
     return path
 
 
-def test_convert_of_a_fresh_llama_state_is_byte_identical(fresh_smollm2_state, tmp_path):
+def test_convert_of_a_fresh_llama_state_is_byte_identical(fresh_smollm2_state, tmp_path, spool_mode):
     for i, variant in enumerate(VARIANTS):
         got = streamed_bytes(fresh_smollm2_state, variant, tmp_path / f"{i}.dkv")
         assert got == in_memory_bytes(fresh_smollm2_state, variant), variant
@@ -108,10 +117,11 @@ def _peak_traced(fn) -> int:
 
 
 @pytest.mark.parametrize("codec", ["q8_0", "dkv-ans", "delta-q4_0"])
-def test_write_session_holds_one_track_at_a_time(fresh_smollm2_state, tmp_path, codec):
-    """The peak of memory allocated while writing a file does not grow with the number of tracks
+def test_write_session_holds_one_track_at_a_time(fresh_smollm2_state, tmp_path, codec, monkeypatch):
+    """Past the spool's memory budget (0 here), the peak of memory allocated while writing a file does not grow with the number of tracks
     (30 layers vs 3: the same); the in-memory writer's does (it holds every coded tensor), which
     shows that the measure sees coded data."""
+    monkeypatch.setattr(container_spool, "MEMORY_BUDGET", 0)
     state = parse_state(fresh_smollm2_state.read_bytes())
     small = _first_layers(state, 3)
     assert len(state.kv_sections[0].streams[0].k) >= 30
@@ -126,3 +136,15 @@ def test_write_session_holds_one_track_at_a_time(fresh_smollm2_state, tmp_path, 
     write_session(state, out, codec, spool_seen=spools.append)
     layer = max(t.data.nbytes for sec in state.kv_sections for st in sec.streams for t in st.k + st.v)
     assert spools[0].largest_add <= 2 * layer  # what one add is given: one track's part at most
+
+
+def test_a_spool_moves_to_disk_past_its_budget_and_writes_the_same_bytes(fresh_smollm2_state, tmp_path, monkeypatch):
+    state = parse_state(fresh_smollm2_state.read_bytes())
+    reference = session_bytes(state, "q8_0")
+    seen = []
+    monkeypatch.setattr(container_spool, "MEMORY_BUDGET", len(reference) // 3)  # moves part way through
+    write_session(state, tmp_path / "a.dkv", "q8_0", spool_seen=seen.append)
+    assert seen[0].on_disk and (tmp_path / "a.dkv").read_bytes() == reference
+    monkeypatch.setattr(container_spool, "MEMORY_BUDGET", 1 << 40)
+    write_session(state, tmp_path / "b.dkv", "q8_0", spool_seen=seen.append)
+    assert not seen[1].on_disk and (tmp_path / "b.dkv").read_bytes() == reference
