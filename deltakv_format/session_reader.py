@@ -305,15 +305,8 @@ class DkvSession:
             raise DeltaKVError(f"rows {row_lo}..{row_hi} out of range 0..{n} for {track.name}")
         if out is not None:
             return self._rows_into(track, row_lo, row_hi, out)
-        pieces = []
-        for s, first, end in self._owned(track.stream):
-            lo, hi = max(row_lo, first), min(row_hi, end)
-            if lo >= hi:
-                continue
-            parts = self._parts(track, s)
-            context = self.track_context(track, s) if track.codec.takes_context else None
-            pieces.append(track.codec.decode(parts, track.ggml_type, track.n_values, lo - first, hi - first,
-                                             context=context))
+        pieces = [track.codec.decode(parts, track.ggml_type, track.n_values, lo - first, hi - first, context=context)
+                  for lo, hi, first, parts, context in self._segment_slices(track, row_lo, row_hi)]
         if not pieces:
             return np.empty((0, track.n_values), element_view_dtype(track.ggml_type))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
@@ -323,15 +316,17 @@ class DkvSession:
         if out.shape != (row_hi - row_lo, track.n_values) or out.dtype != dtype or not out.flags.c_contiguous:
             raise DeltaKVError(f"out for rows {row_lo}..{row_hi} of {track.name}: expected a C-contiguous "
                                f"{(row_hi - row_lo, track.n_values)} {dtype} array, found {out.shape} {out.dtype}")
-        for s, first, end in self._owned(track.stream):
-            lo, hi = max(row_lo, first), min(row_hi, end)
-            if lo >= hi:
-                continue
-            parts = self._parts(track, s)
-            context = self.track_context(track, s) if track.codec.takes_context else None
+        for lo, hi, first, parts, context in self._segment_slices(track, row_lo, row_hi):
             track.codec.decode(parts, track.ggml_type, track.n_values, lo - first, hi - first,
                                out=out[lo - row_lo:hi - row_lo], context=context)
         return out
+
+    def _segment_slices(self, track: Track, row_lo: int, row_hi: int):
+        """(lo, hi, segment's first row, parts, codec context) of each segment holding rows of row_lo..row_hi."""
+        for s, first, end in self._owned(track.stream):
+            lo, hi = max(row_lo, first), min(row_hi, end)
+            if lo < hi:
+                yield lo, hi, first, self._parts(track, s), (self.track_context(track, s) if track.codec.takes_context else None)
 
     def release_decode_caches(self) -> None:
         """Drop the cell positions and rotary tables kept for decoding (a streamed rebuild calls it

@@ -28,6 +28,17 @@ def _tokens(llm, n: int) -> list[int]:
     return toks[:n]
 
 
+def evaluated_context(n_tokens: int):
+    """A SmolLM2 context that has evaluated ``n_tokens`` of the shipped texts: (llm, tokens, seconds)."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(smollm2()), n_ctx=n_tokens + 64, n_batch=512, flash_attn=True, verbose=False)
+    toks = _tokens(llm, n_tokens)
+    t = time.perf_counter()
+    llm.eval(toks)
+    return llm, toks, time.perf_counter() - t
+
+
 def _header(what: str) -> list[str]:
     return [f"deltakv bench {what}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
             f"{os.cpu_count()} CPUs, model {smollm2().name}"]
@@ -69,7 +80,6 @@ def bench_resume(*, tokens: int | list[int] = (2048, 16384), codec: str = DEFAUL
     import statistics
 
     import llama_cpp
-    from llama_cpp import Llama
 
     sizes = [tokens] if isinstance(tokens, int) else list(tokens)
     tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="deltakv-bench-"))
@@ -77,11 +87,7 @@ def bench_resume(*, tokens: int | list[int] = (2048, 16384), codec: str = DEFAUL
     _warm_up(tmp, codec)
     rows, notes = [], []
     for size in sizes:
-        llm = Llama(str(smollm2()), n_ctx=size + 64, n_batch=512, flash_attn=True, verbose=False)
-        toks = _tokens(llm, size)
-        t = time.perf_counter()
-        llm.eval(toks)
-        t_eval = time.perf_counter() - t
+        llm, toks, t_eval = evaluated_context(size)
         dkv, ggsq = tmp / f"s{size}.dkv", tmp / f"s{size}.ggsq"
         save(llm, dkv, codec=codec)
         arr = (llama_cpp.llama_token * len(toks))(*toks)

@@ -27,7 +27,7 @@ from deltakv_format.constants import DEFAULT_CODEC
 from deltakv_format.stores import LocalDirectoryStore, open_store
 
 from ..models import smollm2
-from .bench_runtime import _tokens
+from .bench_runtime import evaluated_context
 
 
 def _best(fn, repeat: int, before) -> float:
@@ -46,7 +46,6 @@ def _entry_url(store_url: str, name: str) -> str:
 
 def bench_store(*, tokens_list=(2048, 16384), stores=(), repeat: int = 3, codec: str = DEFAULT_CODEC) -> str:
     import llama_cpp
-    from llama_cpp import Llama
 
     from deltakv_runtime.session import load, save, seq_state_bytes, set_seq_state_bytes
 
@@ -57,11 +56,7 @@ def bench_store(*, tokens_list=(2048, 16384), stores=(), repeat: int = 3, codec:
              f"{os.cpu_count()} CPUs, model {smollm2().name}, codec {codec}", "",
              "| tokens | store | resume by | seconds | vs native | bytes moved |", "|---|---|---|---|---|---|"]
     for n_tokens in tokens_list:
-        llm = Llama(str(smollm2()), n_ctx=n_tokens + 64, n_batch=512, flash_attn=True, verbose=False)
-        toks = _tokens(llm, n_tokens)
-        t = time.perf_counter()
-        llm.eval(toks)
-        t_eval = time.perf_counter() - t
+        llm, toks, t_eval = evaluated_context(n_tokens)
         made = tmp / f"s{n_tokens}.dkv"
         save(llm, made, codec=codec)
         dkv = made.read_bytes()
