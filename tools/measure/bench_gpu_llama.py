@@ -9,8 +9,9 @@ bit; a lossy codec gives its KL. Then 64 more tokens are evaluated, ``extend`` a
 extended file is resumed and checked the same way. Finally ``LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`` is
 probed: what the flag's state holds (its size next to the host state's) and how long it takes.
 
-Timings are wall-clock seconds, best of ``--repeat`` (the re-evaluation: one run); the page cache is
-warm (the files were just written). Output: a markdown table (stdout and ``--out``).
+Timings are wall-clock seconds, best of ``--repeat`` (the re-evaluation: one run), each after one
+untimed warm-up run (Numba compiles on first use); the page cache is warm (the files were just written).
+Output: a markdown table (stdout and ``--out``).
 
     python -m deltakv_tools.measure.bench_gpu_llama --model M.gguf --tokens 4096,32768 --out gpu_llama.md
 """
@@ -128,6 +129,7 @@ def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codec
     _step("saves")
     for codec in codecs:
         paths[codec] = tmp / f"s{tokens}.{codec}.dkv"
+        rt.save(llm, paths[codec], codec=codec)  # warm: Numba's compilation and the kernel library, as for loads
         row[f"{codec} save s"] = _best(lambda c=codec: rt.save(llm, paths[c], codec=c), repeat)
         row[f"{codec} MB"] = os.path.getsize(paths[codec]) / 1e6
 
