@@ -19,10 +19,13 @@ Output: a markdown table (stdout and ``--out``).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import ctypes
 import datetime
+import io
 import os
 import platform
+import pstats
 import sys
 import tempfile
 import time
@@ -100,7 +103,8 @@ def _step(msg: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codecs: list[str], tmp: Path) -> dict:
+def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codecs: list[str], tmp: Path,
+                profile: bool = False) -> dict:
     from llama_cpp import Llama
 
     import deltakv_runtime as rt
@@ -160,6 +164,11 @@ def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codec
         row[f"{codec} tokens equal"] = sum(1 for _ in iter_prefix(out, ref_tokens))
         clear()
 
+    if profile:
+        for codec in codecs:
+            row[f"{codec} load profile"] = load_profile(fresh, paths[codec], clear)
+        clear()
+
     # extend: 64 more tokens evaluated on the live context, appended, resumed
     _step("extend")
     more = _prompt(llm, 64, seed=tokens + 1)
@@ -188,6 +197,26 @@ def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codec
     llm.close()
     fresh.close()
     return row
+
+
+def load_profile(llm, path: Path, clear) -> str:
+    """Where a load's time goes: ``load``'s own steps, then Python's profiler (by own time) over the
+    rebuild with one thread (the load's track threads would hide their work from the profiler)."""
+    import deltakv_runtime as rt
+    from deltakv_format.operations import opened_session
+    from deltakv_format.session_rebuild import rebuild_into
+    from deltakv_format.state_model import Framing
+
+    clear()
+    steps: dict = {}
+    rt.load(llm, path, seconds=steps)
+    lines = ["load steps (s): " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())]
+    prof = cProfile.Profile()
+    with opened_session(path) as session, rt.session.accelerated():
+        prof.runcall(rebuild_into, session, framing=Framing.SEQ_STATE, workers=1)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(16)
+    return "\n".join(lines) + "\n" + text.getvalue()
 
 
 def iter_prefix(a, b):
@@ -259,6 +288,7 @@ def main(argv=None) -> None:
     ap.add_argument("--codec", action="append", default=None, help="codecs to save with (default: raw and the default)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-flash-attn", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile one load per codec (cProfile, by own time)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     # llama_cpp (libllama, libggml-cuda) before deltakv_format's numba/llvmlite: on the H200 image the
@@ -281,8 +311,12 @@ def main(argv=None) -> None:
     for model in args.model:
         for n in (int(x) for x in args.tokens.split(",")):
             t = time.perf_counter()
-            rows.append(bench_model(model, n, repeat=args.repeat, flash_attn=not args.no_flash_attn, codecs=codecs, tmp=tmp))
+            rows.append(bench_model(model, n, repeat=args.repeat, flash_attn=not args.no_flash_attn, codecs=codecs, tmp=tmp,
+                                    profile=args.profile))
+            profiles = {k: rows[-1].pop(k) for k in [k for k in rows[-1] if k.endswith("load profile")]}
             print(f"# {Path(model).name} {n} tokens: {time.perf_counter() - t:.1f} s  {rows[-1]}", flush=True)
+            for k, v in profiles.items():
+                header += [f"{Path(model).name} {n} tokens, {k}:", "```", v.strip(), "```", ""]
     text = "\n".join(header) + render(rows, codecs)
     print(text)
     if args.out:
