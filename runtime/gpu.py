@@ -331,11 +331,19 @@ class _Device:
             self.k.memcpy_h2d(p, a.ctypes.data, a.nbytes)
         return p
 
-    def get(self, ptr: int, shape, dtype) -> np.ndarray:
-        out = np.empty(shape, dtype)
+    def get(self, ptr: int, shape, dtype, into: np.ndarray | None = None) -> np.ndarray:
+        """The device array at ``ptr`` copied back: into ``into`` when it is a C-contiguous array of
+        that shape and dtype (no host copy after), else into a new array."""
+        shape = tuple(shape)
+        usable = (into is not None and into.shape == shape and into.dtype == np.dtype(dtype)
+                  and into.flags.c_contiguous and into.flags.writeable)
+        out = into if usable else np.empty(shape, dtype)
         if out.nbytes:
             self.k.synchronize(None)
             self.k.memcpy_d2h(out.ctypes.data, ptr, out.nbytes)
+        if into is not None and not usable:
+            into[...] = out
+            return into
         return out
 
 
@@ -395,7 +403,7 @@ def kernels_for(codec: Codec):
 def _decode_with(launch):
     """A decoder for ``CODEC_KERNELS``: the checks every codec needs, then ``launch`` on the device."""
 
-    def decode_on_gpu(codec, parts, ggml_type, n_values, row_lo, row_hi, *, backend=None):
+    def decode_on_gpu(codec, parts, ggml_type, n_values, row_lo, row_hi, *, backend=None, out=None):
         if not codec.accepts(ggml_type, n_values):
             raise CodecError(f"codec {codec.name} cannot decode a {GGMLType(ggml_type).name} track of {n_values} values")
         kind = _kind(ggml_type)
@@ -405,12 +413,12 @@ def _decode_with(launch):
         n_out = row_hi - row_lo
         dtype = BITS_DTYPE[GGMLType(ggml_type)]
         if n_out == 0:
-            return np.empty((0, n_values), dtype)
+            return np.empty((0, n_values), dtype) if out is None else out
         k = load(backend)
         with _Device(k) as dev:
-            out = dev.alloc(n_out * n_values * np.dtype(dtype).itemsize)
-            launch(k, dev, codec, parts, dtype, n_rows, n_values, kind, row_lo, row_hi, out)
-            return dev.get(out, (n_out, n_values), dtype)
+            d_out = dev.alloc(n_out * n_values * np.dtype(dtype).itemsize)
+            launch(k, dev, codec, parts, dtype, n_rows, n_values, kind, row_lo, row_hi, d_out)
+            return dev.get(d_out, (n_out, n_values), dtype, into=out)
 
     return decode_on_gpu
 
@@ -473,16 +481,17 @@ def _launch_encode_delta(k, src, codec, kind, n_rows, n_values, outs):
 
 
 CODEC_KERNELS = KernelRegistry()
-"""The GPU kernels of each codec class; raw (a byte copy) has none and stays on the CPU."""
+"""The GPU kernels of each codec class; raw (a byte copy) has none and stays on the CPU. Every decoder
+copies its rows back straight into the caller's destination (``decodes_into``)."""
 CODEC_KERNELS.register(F16Codec, encode=_encode_with(_launch_encode_data("encode_f16")),
-                       decode=_decode_with(_launch_decode_data("decode_f16")))
+                       decode=_decode_with(_launch_decode_data("decode_f16")), decodes_into=True)
 CODEC_KERNELS.register(Q8_0Codec, encode=_encode_with(_launch_encode_data("encode_q8_0")),
-                       decode=_decode_with(_launch_decode_data("decode_q8_0")))
+                       decode=_decode_with(_launch_decode_data("decode_q8_0")), decodes_into=True)
 CODEC_KERNELS.register(Q4_0Codec, encode=_encode_with(_launch_encode_data("encode_q4_0")),
-                       decode=_decode_with(_launch_decode_data("decode_q4_0")))
+                       decode=_decode_with(_launch_decode_data("decode_q4_0")), decodes_into=True)
 # one kernel pair serves both delta codecs: the codec's adaptive / search flags select the variant
 CODEC_KERNELS.register(DeltaQ4_0Codec, DkvQ4Codec, encode=_encode_with(_launch_encode_delta),
-                       decode=_decode_with(_launch_decode_delta))
+                       decode=_decode_with(_launch_decode_delta), decodes_into=True)
 
 
 # ---- dkv-ans: decode on the GPU (one thread per rANS stream), encode on the CPU -------------------
@@ -493,7 +502,7 @@ def _encode_ans(codec, rows, ggml_type, where="track", context=None, *, backend=
     return codec._encode(rows, ggml_type, where, context)
 
 
-def _decode_ans(codec, parts, ggml_type, n_values, row_lo, row_hi, context=None, *, backend=None):
+def _decode_ans(codec, parts, ggml_type, n_values, row_lo, row_hi, context=None, *, backend=None, out=None):
     """``DkvAnsCodec._decode`` on the GPU: sink rows copied, coded rows decoded by dkv_decode_ans
     (positions -> cos/sin by dkv_rope_table on the device), a corrupt stream raises CorruptError."""
     if not codec.accepts(ggml_type, n_values):
@@ -501,8 +510,13 @@ def _decode_ans(codec, parts, ggml_type, n_values, row_lo, row_hi, context=None,
     kind = _kind(ggml_type)
     dtype = BITS_DTYPE[GGMLType(ggml_type)]
     if codec.rope == _ans.ROPE_NEOX and codec.rope_dims > 256:
-        return codec._decode(parts, ggml_type, n_values, row_lo, row_hi, None, context)  # beyond the kernel's buffer
-    out = np.empty((max(row_hi - row_lo, 0), n_values), dtype)
+        return codec._decode(parts, ggml_type, n_values, row_lo, row_hi, out, context)  # beyond the kernel's buffer
+    shape = (max(row_hi - row_lo, 0), n_values)
+    if out is None or out.shape != shape or out.dtype != np.dtype(dtype) or not out.flags.c_contiguous:
+        if out is not None:  # not a destination to decode into: decode, then copy
+            out[...] = _decode_ans(codec, parts, ggml_type, n_values, row_lo, row_hi, context, backend=backend)
+            return out
+        out = np.empty(shape, dtype)
     if row_hi <= row_lo:
         return out
     coded = codec.split_decode(parts, n_values, row_lo, row_hi, out, context)
@@ -529,8 +543,8 @@ def _decode_ans(codec, parts, ggml_type, n_values, row_lo, row_hi, context=None,
         first_bad = int(dev.get(bad, (1,), np.int64)[0])
         if first_bad >= 0:
             raise corrupt_stream(first_bad)
-        coded.out[...] = dev.get(d_out, (n_out, n_values), dtype)
+        dev.get(d_out, (n_out, n_values), dtype, into=coded.out)
     return out
 
 
-CODEC_KERNELS.register(DkvAnsCodec, encode=_encode_ans, decode=_decode_ans)
+CODEC_KERNELS.register(DkvAnsCodec, encode=_encode_ans, decode=_decode_ans, decodes_into=True)

@@ -599,3 +599,38 @@ def test_ans_routes_through_codec_decode_with_the_accelerator():
         use_accelerator(previous)
     assert calls and calls[0] is ctx
     assert_bits_equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["f16", "q8_0", "q4_0", "dkv-q4", "dkv-ans"])
+def test_accelerated_decode_into_a_destination(name):
+    """Codec.decode(out=...) with the GPU on: the rows land in the caller's array (copied back straight
+    into a C-contiguous one, through a scratch array into a strided one), bit for bit the CPU's, and
+    nothing around them is touched."""
+    from deltakv_format.codecs import use_accelerator
+
+    rng = np.random.default_rng(5)
+    n_rows, n_values = 40, 128
+    positions = np.arange(n_rows, dtype=np.int32) + 7
+    if name == "dkv-ans":
+        codec, ctx = ans_codec("neox", 64, 128, 10000.0, 8), TrackContext(positions=positions)
+        rows = k_like(rng, n_rows, n_values, F16, positions, 128, 64, 10000.0)
+    else:
+        codec, ctx = get_codec(name), None
+        rows = kv_like(rng, n_rows, n_values, F16)
+    extra = (ctx,) if codec.takes_context else ()
+    parts = codec.encode(rows, F16, "t", *extra)
+    lo, hi = 3, 37
+    want = codec.decode(parts, F16, n_values, lo, hi, None, *extra)
+    previous = use_accelerator(gpu)
+    try:
+        whole = np.full((hi - lo + 4, n_values), 0xABCD, np.uint16)
+        got = codec.decode(parts, F16, n_values, lo, hi, whole[2:-2], *extra)
+        strided = np.full((2 * (hi - lo), n_values), 0xABCD, np.uint16)
+        codec.decode(parts, F16, n_values, lo, hi, strided[::2], *extra)
+    finally:
+        use_accelerator(previous)
+    assert np.shares_memory(got, whole)
+    assert_bits_equal(whole[2:-2], want)
+    assert (whole[:2] == 0xABCD).all() and (whole[-2:] == 0xABCD).all()
+    assert_bits_equal(strided[::2], want)
+    assert (strided[1::2] == 0xABCD).all()

@@ -106,6 +106,10 @@ class CodecKernels(Protocol):
     def decode(self, codec: "Codec", parts: dict[str, np.ndarray], ggml_type: int, n_values: int,
                row_lo: int, row_hi: int) -> np.ndarray: ...
 
+    # Optional: True when ``decode`` also takes ``out=`` (the C-contiguous destination, or None) and
+    # writes the rows there itself (a GPU copies them back straight into it: no host copy between).
+    decodes_into: bool
+
 
 class Accelerator(Protocol):
     """What :func:`use_accelerator` takes: the kernels for a codec, or None to run it on the CPU."""
@@ -117,6 +121,7 @@ class Accelerator(Protocol):
 class RegisteredKernels:
     encode: Callable[..., dict[str, np.ndarray]]
     decode: Callable[..., np.ndarray]
+    decodes_into: bool = False  # decode takes out= (see CodecKernels)
 
 
 class KernelRegistry:
@@ -129,11 +134,11 @@ class KernelRegistry:
     def __init__(self):
         self._by_class: dict[type, RegisteredKernels] = {}
 
-    def register(self, *codec_classes: type, encode, decode) -> None:
+    def register(self, *codec_classes: type, encode, decode, decodes_into: bool = False) -> None:
         for codec_class in codec_classes:
             if not (isinstance(codec_class, type) and issubclass(codec_class, Codec)):
                 raise TypeError(f"kernels are registered for Codec classes, found {codec_class!r}")
-            self._by_class[codec_class] = RegisteredKernels(encode, decode)
+            self._by_class[codec_class] = RegisteredKernels(encode, decode, decodes_into)
 
     def kernels_for(self, codec: "Codec") -> RegisteredKernels | None:
         return self._by_class.get(type(codec))
@@ -358,6 +363,8 @@ class Codec:
             accelerated = _accelerated(self)
             if accelerated is None:
                 return self._decode(parts, ggml_type, n_values, row_lo, row_hi, out, *extra)
+            if getattr(accelerated, "decodes_into", False):
+                return accelerated.decode(self, parts, ggml_type, n_values, row_lo, row_hi, *extra, out=out)
             result = accelerated.decode(self, parts, ggml_type, n_values, row_lo, row_hi, *extra)
             if out is None:
                 return result
