@@ -155,6 +155,8 @@ def bench_model(model: str, tokens: int, *, repeat: int, flash_attn: bool, codec
     _step("loads")
     row["native load s"] = _best(native_load, repeat, clear)
     ref_logits, ref_tokens = continuation(fresh)
+    top2 = np.sort(ref_logits)[-2:]
+    row["top-2 margin"] = float(top2[1] - top2[0])  # a lossy resume's first greedy token flips below about its shift
     for codec in codecs:
         rt.load(fresh, paths[codec])  # warm: the kernel library and Numba's cache
         row[f"{codec} load s"] = _best(lambda c=codec: rt.load(fresh, paths[c]), repeat, clear)
@@ -258,7 +260,7 @@ def render(rows: list[dict], codecs: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(h)) for h in head) + " |")
     lines.append("")
-    head = ["model", "tokens"]
+    head = ["model", "tokens", "top-2 margin"]
     for c in codecs:
         head += [f"{c} logits equal", f"{c} KL", f"{c} tokens equal", f"{c} extended logits equal",
                  f"{c} extended tokens equal"]
