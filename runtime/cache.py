@@ -45,7 +45,8 @@ from deltakv_format.constants import DEFAULT_CODEC, GGMLType, GGUFValueType
 from deltakv_format.container import TensorData
 from deltakv_format.errors import CorruptError, DeltaKVError, TruncatedError
 from deltakv_format.gguf_io import KeyValue
-from deltakv_format.llama_state import parse_state, write_state
+from deltakv_format.llama_state import parse_state
+from deltakv_format.session_rebuild import PendingPayload, rebuild_into, session_state
 from deltakv_format.model_info import model_file_digest
 from deltakv_format.session import DkvSession, codecs_of_roles, rope_for_state, session_bytes
 from deltakv_format.state_model import Framing, LlamaState
@@ -549,7 +550,9 @@ class DeltaKVCache(BaseLlamaCache):
                 if _file_fingerprint(s) != entry.fingerprint:
                     # Same name, so the same fingerprint unless rewritten by something else.
                     raise _Unusable("its fingerprint changed since it was indexed", delete=False)
-                state = s.to_llama_state()
+                # the structure from the header (nothing decoded yet): a state that does not fit is
+                # refused before its tracks are decoded
+                shape = state_shape(session_state(s, PendingPayload, copy=False))
                 ids = np.array(s.file.tensor(TENSOR_INPUT_IDS), dtype=np.intc) if s.file.has_tensor(
                     TENSOR_INPUT_IDS) else np.zeros(0, np.intc)
                 last = (np.array(s.file.tensor(TENSOR_LAST_LOGITS)).view(np.float32).reshape(-1)
@@ -557,20 +560,22 @@ class DeltaKVCache(BaseLlamaCache):
                 n_vocab = int(s.file.value(KEY_SCORES_SHAPE)[1])
                 n_tokens = int(s.file.value(KEY_N_TOKENS))
                 seed = int(s.file.value(KEY_SEED))
-                blob = write_state(state)
+                # the state's structure (an entry's key-values could say one thing and its tracks
+                # another, and load_state would raise on every request) and the arrays beside it
+                problems = shape_problems(self._fingerprint, shape, n_vocab)
+                if last.size not in (0, n_vocab):
+                    problems.append(f"last logits: expected {n_vocab} values, found {last.size}")
+                if ids.size > n_tokens:
+                    problems.append(f"input ids: expected at most n_tokens = {n_tokens}, found {ids.size}")
+                # every track decoded straight into the one buffer load_state copies from (no typed
+                # state joined afterwards: the entry is held once, not twice)
+                blob = None if problems else rebuild_into(s)
             except DeltaKVError as e:
                 raise _Unusable(str(e), delete=isinstance(e, BROKEN)) from e
             except (KeyError, ValueError, TypeError, IndexError) as e:
                 raise _Unusable(f"inconsistent entry ({type(e).__name__}: {e})", delete=True) from e
             except Exception as e:  # noqa: BLE001 - llama-cpp-python lets anything but KeyError end the completion
                 raise _Unusable(f"unreadable ({type(e).__name__}: {e})", delete=False) from e
-        # The fingerprint matched; now the state itself (an entry's key-values could say one thing
-        # and its payloads another, and load_state would raise on every request).
-        problems = shape_problems(self._fingerprint, state_shape(state), n_vocab)
-        if last.size not in (0, n_vocab):
-            problems.append(f"last logits: expected {n_vocab} values, found {last.size}")
-        if ids.size > n_tokens:
-            problems.append(f"input ids: expected at most n_tokens = {n_tokens}, found {ids.size}")
         if problems:
             raise _Unusable("it does not fit this context: " + "; ".join(problems), delete=True)
         return self._llama_cpp_state(ids, last, n_vocab, n_tokens, seed, blob)

@@ -43,6 +43,10 @@ def _check_all_paths(session):
         streamed = b"".join(bytes(c) for c in iter_rebuilt_chunks(session, framing=framing, tokens=tokens, window=2))
         assert streamed == want, framing
         assert plan_rebuild(session, framing=framing, tokens=tokens).size == len(want)
+    # the defaults (the session's own framing and tokens), as DeltaKVCache and slot restore ask for them
+    want = write_state(session.to_llama_state())
+    assert rebuild_into(session).tobytes() == want
+    assert b"".join(bytes(c) for c in iter_rebuilt_chunks(session)) == want
 
 
 @pytest.mark.parametrize("path", FIXTURE_FILES, ids=lambda p: p.name)

@@ -30,7 +30,8 @@ from pathlib import Path
 from deltakv_format.constants import DEFAULT_CODEC, GGUFValueType
 from deltakv_format.errors import DeltaKVError
 from deltakv_format.gguf_io import KeyValue
-from deltakv_format.llama_state import parse_state, write_state
+from deltakv_format.llama_state import parse_state
+from deltakv_format.session_rebuild import iter_rebuilt_chunks
 from deltakv_format.model_info import ModelInfo, model_file_digest
 from deltakv_format.session import DkvSession, rope_for_state, session_bytes
 from deltakv_format.state_model import Framing
@@ -212,15 +213,20 @@ def restore(server: LlamaServer, slot_id: int, slot_dir, data, source: str) -> R
         if n_ctx and cells > n_ctx:
             raise SlotError(f"{source} holds {cells} cells, slot {slot_id} has n_ctx {n_ctx}: expected a slot "
                             "at least as large (start the server with a larger --ctx-size)")
-        state = session.to_llama_state()
-        raw = write_state(state)  # its own framing: the sequence file the server wrote, appendix included
-        del state
-    name = _temp_name(slot_id, "restore")
-    raw_path = folder / name
-    tmp = raw_path.with_name("." + name + ".part")
+        name = _temp_name(slot_id, "restore")
+        raw_path = folder / name
+        tmp = raw_path.with_name("." + name + ".part")
+        raw_bytes = 0
+        try:
+            with open(tmp, "wb") as f:
+                # its own framing (the sequence file the server wrote, appendix included), written as
+                # the tracks are decoded: a few layers held at a time, not the whole state
+                for chunk in iter_rebuilt_chunks(session):
+                    raw_bytes += f.write(chunk)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     try:
-        with open(tmp, "wb") as f:
-            f.write(raw)
         os.replace(tmp, raw_path)  # the server never sees a half-written file
         answer = server.slot_action(slot_id, "restore", name)
     finally:
@@ -229,7 +235,7 @@ def restore(server: LlamaServer, slot_id: int, slot_dir, data, source: str) -> R
                 leftover.unlink()
             except FileNotFoundError:
                 pass
-    return RestoredSlot(slot_id, int(answer.get("n_restored", -1)), len(data), len(raw))
+    return RestoredSlot(slot_id, int(answer.get("n_restored", -1)), len(data), raw_bytes)
 
 
 def _check_model(server: LlamaServer, session: DkvSession, source: str) -> None:
